@@ -86,7 +86,7 @@ class Settings:
     """Documents of the sample to use (None = all 3,100)."""
     rounds: int = 5
     """Interleaved prepare/tiktoken rounds; loader timing rounds."""
-    scales: tuple[int, ...] = (1, 4)
+    scales: tuple[int, ...] = (1, 4, 16)
     """Input sizes of the memory measurement, in copies of the documents."""
     loader_seconds: float = 1.0
     """Minimum seconds of next_batch calls per loader round."""
@@ -454,7 +454,7 @@ def bench_prepare(
     source: Path,
     work: Path,
     rounds: int = 3,
-    scales: tuple[int, ...] = (1, 4),
+    scales: tuple[int, ...] = (1, 4, 16),
     workers: int = 0,
 ) -> PrepareResult:
     """Time prepare on `source` (a parquet file of exactly docs) against tiktoken on docs,

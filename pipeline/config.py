@@ -93,7 +93,7 @@ class PrepareConfig:
     least this many tokens (so no document is split between validation and training)."""
     num_workers: int = 0
     """Tokenizer processes; 0 = one per CPU core. Output bytes do not depend on it."""
-    docs_per_task: int = 512
+    docs_per_task: int = 128
     """Documents handed to a worker at a time."""
     overwrite: bool = False
     """Delete existing output that was prepared with a different configuration."""

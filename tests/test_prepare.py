@@ -169,6 +169,72 @@ def test_text_and_jsonl_sources(tmp_path: Path):
         assert manifest["shards"][0]["file"] == f"{cfg.name}_train_000000.bin"
 
 
+def test_hub_source_from_a_dataset_folder(fineweb_sample: Path, tmp_path: Path):
+    """source.kind=hub goes through `datasets.load_dataset(source.dataset, ...)`, which takes a
+    dataset folder as well as a hub id: parquet gives the bytes of the local source, json falls
+    back from the parquet-only `columns` option, and a missing column lists the real ones."""
+    parquet_dir = tmp_path / "parquet_dataset" / "data"
+    parquet_dir.mkdir(parents=True)
+    docs = sample_docs(fineweb_sample, 60)
+    local = write_parquet(tmp_path / "docs.parquet", {"text": docs, "id": list(range(60))})
+    shutil.copy(local, parquet_dir / "train-00000-of-00001.parquet")
+    json_dir = tmp_path / "json_dataset"
+    json_dir.mkdir()
+    (json_dir / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def run(name: str, **source) -> Path:
+        cfg = make_cfg(tmp_path / "out", [], shard_size=20_000, val_tokens=10_000, **source)
+        cfg.name = name
+        return prepare(cfg)
+
+    reference = run("local", source_paths=[str(local)])
+    for name, folder in [("parquet", parquet_dir.parent), ("json", json_dir)]:
+        out = run(name, source_kind="hub", source_dataset=str(folder), source_config_name=None)
+        check_output(out, docs, 20_000, 10_000)
+        assert [p.read_bytes() for p in sorted(out.glob("*.bin"))] == [
+            p.read_bytes() for p in sorted(reference.glob("*.bin"))
+        ]
+    with pytest.raises(
+        ConfigError, match=r"has no column 'body'; its columns are \['text', 'id'\]"
+    ):
+        run(
+            "body",
+            source_kind="hub",
+            source_dataset=str(parquet_dir.parent),
+            source_text_column="body",
+        )
+
+
+def test_damaged_row_group_names_the_file(fineweb_sample: Path, tmp_path: Path):
+    """A parquet file whose footer reads but whose second row group is garbage: the run stops
+    with the file and row group named, keeping the shards it completed before."""
+    path = tmp_path / "damaged.parquet"
+    docs = sample_docs(fineweb_sample, 2 * tok.READ_BATCH)
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=tok.READ_BATCH)
+    second = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = second.dictionary_page_offset or second.data_page_offset
+    with open(path, "r+b") as f:  # overwrite the row group's pages, keep the footer
+        f.seek(start)
+        f.write(b"\xff" * second.total_compressed_size)
+    cfg = make_cfg(tmp_path / "out", [str(path)], shard_size=20_000, val_tokens=10_000)
+    with pytest.raises(PrepareError, match=r"damaged.parquet: row group 1 cannot be read"):
+        prepare(cfg)
+    progress = json.loads((tmp_path / "out" / "sample" / PROGRESS).read_text())
+    assert progress["shards"] and progress["documents"] <= tok.READ_BATCH  # work is recorded
+
+
+@pytest.mark.parametrize(
+    "values, first_bad, kind",
+    [(["a", None, "c"], 1, "NoneType"), ([1, 2, 3], 0, "int")],
+    ids=["null", "int"],
+)
+def test_values_that_are_not_text(tmp_path: Path, values: list, first_bad: int, kind: str):
+    path = write_parquet(tmp_path / "x.parquet", {"text": values})
+    pattern = f"document {first_bad} of the stream has {kind} in column 'text'"
+    with pytest.raises(PrepareError, match=pattern):
+        prepare(make_cfg(tmp_path / "out", [str(path)], val_tokens=0))
+
+
 def test_shuffle_is_deterministic(fineweb_sample: Path, tmp_path: Path):
     def run(out: str, seed: int) -> Path:
         cfg = make_cfg(
@@ -343,6 +409,11 @@ def second_parquet_without_text(d: Path) -> list[str]:
     return [str(d / "x.parquet"), str(write_parquet(d / "y.parquet", {"body": ["a"]}))]
 
 
+def not_parquet(d: Path) -> list[str]:
+    (d / "y.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    return [str(d / "y.parquet")]
+
+
 def jsonl_without_text(d: Path) -> list[str]:
     (d / "y.jsonl").write_text('{"body": "a"}\n')
     return [str(d / "y.jsonl")]
@@ -367,6 +438,7 @@ def mixed_types(d: Path) -> list[str]:
             second_parquet_without_text,
             r"y.parquet has no column 'text'; its columns are \['body'\]",
         ),
+        (not_parquet, r"y.parquet is not a readable parquet file"),
         (jsonl_without_text, r"y.jsonl has no column 'text'; its columns are \['body'\]"),
         (csv_file, r"y.csv: unknown file type"),
         (mixed_types, "mixes file types"),
@@ -414,17 +486,18 @@ def test_token_ids_must_fit_uint16(tmp_path: Path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
     class WideTokenizer:  # a vocabulary larger than uint16 can hold
-        def encode_ordinary(self, text: str) -> list[int]:
-            return [len(text), 70_000]
+        def encode_to_numpy(self, text: str, **special) -> np.ndarray:
+            return np.array([len(text), 70_000], dtype=np.uint32)
 
     monkeypatch.setattr(tok, "get_encoding", lambda: WideTokenizer())
     with pytest.raises(PrepareError, match="token id 70000 does not fit uint16"):
         tok.tokenize_batch(["abc"])
 
 
-def test_tokenize_batch_prepends_eot():
+def test_tokenize_batch_prepends_eot(fineweb_sample: Path):
+    """The ids are `encode_ordinary`'s, on edge cases and on real documents."""
     enc = tok.get_encoding()
-    docs = ["Hello world", "", "<|endoftext|> is text here"]
+    docs = ["Hello world", "", "<|endoftext|> is text here", *sample_docs(fineweb_sample, 300)]
     tokens = tok.tokenize_batch(docs)
     assert tokens.dtype == np.uint16
     expected = [t for d in docs for t in [tok.EOT, *enc.encode_ordinary(d)]]

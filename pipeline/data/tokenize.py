@@ -19,6 +19,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 
@@ -43,6 +44,8 @@ IN_FLIGHT_PER_WORKER = 2
 """Batches queued per worker process: enough to keep every worker busy while the main process
 reads the next documents, few enough that memory stays bounded (a whole dataset is never read
 ahead)."""
+READ_BATCH = 256
+"""Rows read from the `datasets` stream at a time."""
 PARENT_POLL_S = 1.0
 """How often a worker checks that the process that started it is still alive."""
 
@@ -72,23 +75,25 @@ def get_encoding() -> tiktoken.Encoding:
 def tokenize_batch(docs: list[str]) -> np.ndarray:
     """Tokenize documents into one stream: (sum of len(doc tokens) + len(docs),) uint16.
 
-    Each document is preceded by EOT (50256) and encoded with `encode_ordinary` (special-token
-    text such as "<|endoftext|>" inside a document is encoded as plain text). Raises PrepareError
-    when an id does not fit uint16, before the cast could wrap it around.
+    Each document is preceded by EOT (50256) and encoded as ordinary text: special-token text
+    such as "<|endoftext|>" inside a document is encoded as plain text, as `encode_ordinary`
+    does. `encode_to_numpy` with no special token allowed or disallowed gives the same ids as
+    a uint32 array without building a Python list (the stage runs faster than
+    `encode_ordinary_batch`, see BENCHMARKS.md). Raises PrepareError when an id does not fit
+    uint16, before the cast could wrap it around.
     """
     enc = get_encoding()
-    ids: list[int] = []
+    eot = np.array([EOT], dtype=np.uint32)
+    parts = []
     for doc in docs:
-        ids.append(EOT)
-        ids.extend(enc.encode_ordinary(doc))
-    arr = np.array(ids, dtype=np.int64)
-    low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-    if low < 0 or high >= 2**16:
+        parts += (eot, enc.encode_to_numpy(doc, disallowed_special=()))
+    ids = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)
+    if ids.size and int(ids.max()) >= 2**16:
         raise PrepareError(
-            f"token id {high if high >= 2**16 else low} does not fit uint16 (0..65535): the "
-            "shard format stores uint16 ids, so the tokenizer must have at most 65,536 tokens"
+            f"token id {int(ids.max())} does not fit uint16 (0..65535): the shard format "
+            "stores uint16 ids, so the tokenizer must have at most 65,536 tokens"
         )
-    return arr.astype(np.uint16)
+    return ids.astype(np.uint16)
 
 
 def split_documents(tokens: np.ndarray) -> list[np.ndarray]:
@@ -230,20 +235,6 @@ def _check_text_column(ds: datasets.IterableDataset, column: str, where: str) ->
         )
 
 
-def _check_parquet_columns(files: list[Path], column: str) -> None:
-    """Every parquet file has the text column (read from file footers, no data read): a later
-    file without it would otherwise fail mid-run."""
-    for f in files:
-        names = pq.read_schema(f).names
-        if column not in names:
-            raise ConfigError(
-                [
-                    f"{f} has no column {column!r}; its columns are {names}: set "
-                    "source.text_column to the one holding the document text"
-                ]
-            )
-
-
 def open_source(source: SourceConfig) -> datasets.IterableDataset:
     """The source as a `datasets` stream of rows with one column, source.text_column,
     shuffled and truncated as configured. Nothing is downloaded into a cache.
@@ -257,25 +248,20 @@ def open_source(source: SourceConfig) -> datasets.IterableDataset:
         files = resolve_files(source)
         builder = builder_for(files)
         if builder == "parquet":
-            _check_parquet_columns(files, source.text_column)
-        # A plain-text file is one document: EOT marks document boundaries, and a line of a
-        # book or a play is not a document.
-        extra = {"sample_by": "document"} if builder == "text" else {}
-        data_files = [str(f) for f in files]
-        ds = datasets.load_dataset(
-            builder, data_files=data_files, split="train", streaming=True, **extra
-        )
+            ds = parquet_stream(files, source.text_column)
+        else:
+            # A plain-text file is one document: EOT marks document boundaries, and a line of
+            # a book or a play is not a document.
+            extra = {"sample_by": "document"} if builder == "text" else {}
+            data_files = [str(f) for f in files]
+            ds = datasets.load_dataset(
+                builder, data_files=data_files, split="train", streaming=True, **extra
+            )
         where = f"{files[0]}" if len(files) == 1 else f"source.paths ({len(files)} files)"
     else:
         where = f"{source.dataset} ({source.config_name or 'default'} config)"
         try:
-            ds = datasets.load_dataset(
-                source.dataset,
-                name=source.config_name,
-                split=source.split,
-                revision=source.revision,
-                streaming=True,
-            )
+            ds = _load_hub(source)
         except Exception as e:  # network, authentication, unknown dataset or config
             raise PrepareError(
                 f"cannot open hub dataset {where}, split {source.split!r}: "
@@ -291,6 +277,87 @@ def open_source(source: SourceConfig) -> datasets.IterableDataset:
     return ds
 
 
+def parquet_stream(files: list[Path], column: str) -> datasets.IterableDataset:
+    """Local parquet files as a `datasets` stream of `{column: text}` rows, read one row group
+    at a time; sharded by (file, row group), so a shuffle also shuffles the row groups, as
+    `datasets`' own parquet reader does.
+
+    Not `load_dataset("parquet", ...)`: its pyarrow scanner reads ahead on background threads
+    whenever the consumer is slower than the disk (tokenizing always is), and holds up to the
+    whole file in the main process: peak memory grew with the input (+6.6 MiB per million
+    tokens in `make bench`). Here the reading process holds one row group.
+
+    Raises ConfigError when a file lacks the column or is not readable parquet (checked from
+    the file footers, before any document is read).
+    """
+    shards = []
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(
+                [f"{f} is not a readable parquet file ({e}): replace it or remove it"]
+            ) from e
+        names = meta.schema_arrow.names
+        if column not in names:
+            raise ConfigError(
+                [
+                    f"{f} has no column {column!r}; its columns are {names}: set "
+                    "source.text_column to the one holding the document text"
+                ]
+            )
+        shards += [(str(f), g) for g in range(meta.num_row_groups)]
+    # No `features`: with them, `datasets` encodes and decodes every row again (a third of the
+    # reading process's time); _texts checks the values are strings.
+    return datasets.IterableDataset.from_generator(
+        _parquet_rows, gen_kwargs={"shards": shards, "column": column}
+    )
+
+
+def _parquet_rows(shards: list[tuple[str, int]], column: str) -> Iterator[dict[str, str]]:
+    """The rows of the (file, row group) shards, READ_BATCH at a time. Raises PrepareError
+    naming the file when a row group cannot be read."""
+    path, file = None, None
+    for shard_path, group in shards:
+        try:
+            if shard_path != path:
+                path, file = shard_path, pq.ParquetFile(shard_path)
+            batches = file.iter_batches(
+                batch_size=READ_BATCH, row_groups=[group], columns=[column], use_threads=False
+            )
+            for batch in batches:
+                for text in batch.column(0).to_pylist():
+                    yield {column: text}
+        except (pa.ArrowException, OSError) as e:
+            raise PrepareError(
+                f"{shard_path}: row group {group} cannot be read ({type(e).__name__}: {e}); "
+                "the file is damaged: replace it, or remove it from source.paths"
+            ) from e
+
+
+def _load_hub(source: SourceConfig) -> datasets.IterableDataset:
+    """Stream a hub dataset (or a local dataset folder given as source.dataset); a parquet
+    dataset, as FineWeb is, is asked for the text column only (FineWeb rows also carry id,
+    url, dump, date, ...)."""
+    kwargs = {
+        "name": source.config_name,
+        "split": source.split,
+        "revision": source.revision,
+        "streaming": True,
+    }
+    try:
+        ds = datasets.load_dataset(source.dataset, **kwargs, columns=[source.text_column])
+    except ValueError as e:  # a json/csv/text builder: its config has no `columns`
+        if "doesn't have a" not in str(e):
+            raise
+    else:
+        if source.text_column in (ds.column_names or []):
+            return ds
+    # Without it; also when the text column is missing, so that the error lists the columns
+    # the dataset has rather than none.
+    return datasets.load_dataset(source.dataset, **kwargs)
+
+
 def _shuffle(ds: datasets.IterableDataset, seed: int, buffer_size: int) -> datasets.IterableDataset:
     """Buffer-shuffle the stream (and the order of its files or shards) with a fixed seed."""
     extra = {}
@@ -302,14 +369,20 @@ def _shuffle(ds: datasets.IterableDataset, seed: int, buffer_size: int) -> datas
 
 
 def _texts(ds: datasets.IterableDataset, column: str) -> Iterator[str]:
-    for i, row in enumerate(ds):
-        text = row[column]
-        if not isinstance(text, str):
-            raise PrepareError(
-                f"document {i} of the stream has {type(text).__name__} in column {column!r}, "
-                "not text: set source.text_column to a string column or clean the data"
-            )
-        yield text
+    """The column's values, read READ_BATCH rows at a time (one Python dict per row costs the
+    reading process more than the whole batch)."""
+    start = 0
+    for batch in ds.iter(batch_size=READ_BATCH):
+        texts = batch[column]
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise PrepareError(
+                    f"document {start + i} of the stream has {type(text).__name__} in column "
+                    f"{column!r}, not text: set source.text_column to a string column or clean "
+                    "the data"
+                )
+        start += len(texts)
+        yield from texts
 
 
 def iter_documents(source: SourceConfig) -> Iterator[str]:
