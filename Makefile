@@ -134,7 +134,7 @@ push-hf: $(VENV)/.installed ## Upload the exported folder OUT to the hub model r
 	$(call need,HF_REPO,gpt2-fineweb)
 	$(PYTHON) -m pipeline.hf push $(OUT) $(HF_REPO)
 
-bench: $(VENV)/.installed ## Measure prepare, loader and training throughput into BENCHMARKS.md (ARGS: --only ...)
+bench: $(VENV)/.installed ## Measure prepare, loader, training throughput and memory into BENCHMARKS.md (ARGS: --only ...)
 	$(PYTHON) -m pipeline.bench $(ARGS)
 
 test: $(VENV)/.installed ## Run the test suite (CPU, offline, about 7 minutes on 2 cores)

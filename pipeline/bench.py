@@ -7,10 +7,12 @@
 
 - prepare: tokens/s of `pipeline.prepare.prepare` on the FineWeb sample (one worker process per
   core) against tiktoken `encode_ordinary_batch` on the same documents with as many threads, in
-  interleaved rounds; and the peak memory of prepare in a fresh process at two input sizes.
+  interleaved rounds; and the peak memory of prepare in a fresh process at three input sizes.
 - loader: batches/s of `TrainLoader.next_batch` against the batches/s a training step consumes.
 - train: step time, tokens/s, MFU and peak memory of `pipeline.train.train`, torch.compile off
   and on, each in a fresh process.
+- memory: peak training memory of GPT-2 124M and 350M per micro-batch size, and the largest
+  micro-batch that fits on an 80 GB GPU (measured on CUDA; the analytic estimate without it).
 
 The data come from $FINEWEB_SAMPLE and $TIKTOKEN_CACHE_DIR, by default under $SHARED_DATA or
 `../shared/data` beside the repository (as in tests/conftest.py). The output file keeps one
@@ -57,11 +59,18 @@ from pipeline.config import (
 from pipeline.data.loader import TrainLoader
 from pipeline.data.shards import MANIFEST, open_split
 from pipeline.data.tokenize import get_encoding, resolve_num_workers
-from pipeline.model import GPT, PRESETS
+from pipeline.model import GPT, PRESETS, ModelConfig
+from pipeline.plan import (
+    count_params,
+    cuda_step_fits,
+    estimate_memory,
+    find_max_micro_batch,
+    largest_power_of_two_fitting,
+)
 from pipeline.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("prepare", "loader", "train")
+BENCHES = ("prepare", "loader", "train", "memory")
 SHARD_SIZE = 1_000_000
 """Tokens per shard, as the demo prepares the sample (Makefile DEMO_PREPARE)."""
 VAL_TOKENS = 250_000
@@ -717,6 +726,79 @@ def bench_train(
     return [pool_runs(r) for r in runs.values()]
 
 
+# --------------------------------------------------------------------------- memory
+
+
+MEMORY_MODELS = ("gpt2", "gpt2_medium")
+"""GPT-2 124M and 350M: peak training memory per micro-batch size."""
+MEMORY_CAP_BYTES = 79 << 30
+"""An 80 GB GPU: the 79 GiB that an H100 or A100 80GB leaves to CUDA. On a larger GPU the
+caching allocator is limited to this (`torch.cuda.set_per_process_memory_fraction`), so the
+largest micro-batch is the one that fits on an 80 GB card."""
+MEMORY_MAX_BATCH = 512
+
+
+@dataclass
+class MemoryResult:
+    """Peak training memory of one model per micro-batch size (bytes), measured on CUDA or
+    estimated (`pipeline.plan.estimate_memory`) without it, and the largest micro-batch
+    within cap_bytes."""
+
+    model: str
+    params: int
+    block_size: int
+    peaks: dict[int, int]
+    largest: int
+    cap_bytes: int
+    measured: bool
+
+
+def bench_memory(
+    block_size: int = 1024,
+    models: tuple[str, ...] = MEMORY_MODELS,
+    cap_bytes: int = MEMORY_CAP_BYTES,
+    compile: bool = False,
+) -> list[MemoryResult]:
+    """On CUDA: real bf16 training steps (`pipeline.plan.cuda_step_fits`: the real AdamW, two
+    steps of two micro-batches) at micro-batch sizes doubling from 1, then bisecting, up to the
+    largest that fits within cap_bytes; peak = torch.cuda.max_memory_allocated. Without CUDA:
+    the analytic estimate at powers of two up to the largest within cap_bytes."""
+    results = []
+    for name in models:
+        cfg = PRESETS[name]
+        if torch.cuda.is_available():
+            peaks = _measured_peaks(cfg, block_size, cap_bytes, compile)
+            measured, largest = True, max(peaks, default=0)
+        else:
+            largest = largest_power_of_two_fitting(cfg, block_size, cap_bytes)
+            sizes = [2**k for k in range(largest.bit_length())]
+            peaks = {b: estimate_memory(cfg, b, block_size)["total"] for b in sizes}
+            measured = False
+        results.append(
+            MemoryResult(name, count_params(cfg), block_size, peaks, largest, cap_bytes, measured)
+        )
+        print(f"memory {name}: largest micro-batch {largest}", flush=True)
+    return results
+
+
+def _measured_peaks(
+    cfg: ModelConfig, block_size: int, cap_bytes: int, compile: bool
+) -> dict[int, int]:
+    """{micro_batch_size: peak bytes} of every size tried that fit under the cap."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+    peaks: dict[int, int] = {}
+    try:
+        find_max_micro_batch(
+            lambda b: cuda_step_fits(cfg, b, block_size, "bf16", compile, device, peaks),
+            high=MEMORY_MAX_BATCH,
+        )
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return dict(sorted(peaks.items()))
+
+
 # --------------------------------------------------------------------------- consumption
 
 
@@ -1010,6 +1092,48 @@ def merge_benchmarks(existing: str, key: str, section: str) -> str:
     return text
 
 
+def render_memory(results: list[MemoryResult]) -> str:
+    """The memory section: peak GiB per micro-batch size for each model, and the largest
+    micro-batch within the cap."""
+    r0 = results[0]
+    sizes = sorted({b for r in results for b in r.peaks})
+    gib = 1 << 30
+    rows = [
+        [str(b)] + [f"{r.peaks[b] / gib:,.2f}" if b in r.peaks else "—" for r in results]
+        for b in sizes
+    ]
+    header = ["micro_batch_size"] + [f"{r.model} ({r.params / 1e6:,.0f}M) GiB" for r in results]
+    cap = f"{r0.cap_bytes / gib:,.0f} GiB (an 80 GB GPU)"
+    if r0.measured:
+        how = (
+            "Measured: `pipeline.plan.cuda_step_fits`, the real model and fused AdamW, bf16 "
+            "autocast, torch.compile off, two optimizer steps of two micro-batches of block "
+            f"{r0.block_size}; peak = `torch.cuda.max_memory_allocated` (the CUDA context, "
+            "~0.5 GiB, comes on top). Sizes double from 1 until one does not fit, then "
+            f"bisect; the caching allocator is limited to {cap}. "
+            "— : not tried."
+        )
+    else:
+        how = (
+            "No CUDA device: these are the analytic estimates of `make memory` "
+            "(`pipeline.plan.estimate_memory`, eager bf16, block "
+            f"{r0.block_size}), not measurements, at powers of two within {cap}. Run `make "
+            "bench` on a GPU for measured figures. — : beyond the cap."
+        )
+    largest = ", ".join(f"{r.model} {r.largest}" for r in results)
+    return "\n".join(
+        [
+            "### memory: peak training memory per micro-batch",
+            "",
+            how,
+            "",
+            table(header, rows),
+            "",
+            f"Largest micro_batch_size within {cap}: {largest}.",
+        ]
+    )
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -1063,12 +1187,13 @@ def selected(only: str) -> list[str]:
 def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> list[str]:
     """Run the selected benchmarks; returns their markdown parts."""
     benches = selected(args.only)
-    docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
-    prep = None
+    prep, shard_dir = None, None
     if "prepare" in benches:
+        docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
         prep = bench_prepare(docs, source, work, settings.rounds, settings.scales)
         shard_dir = Path(prep.shard_dir)
-    else:
+    elif {"loader", "train"} & set(benches):
+        docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
         shard_dir = make_shards(docs, source, work)
     shapes = tuple(dict.fromkeys([*LOADER_SHAPES, (args.micro_batch_size, args.block_size)]))
     rates = (
@@ -1083,9 +1208,11 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
             settings.warmup_steps, settings.train_steps, settings.compile_modes, args.peak_flops,
             settings.train_repeats,
         )  # fmt: skip
+    memory = bench_memory() if "memory" in benches else []
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
+    parts += [render_memory(memory)] if memory else []
     return parts
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.bench import (
     NO_GPU,
@@ -15,6 +16,7 @@ from pipeline.bench import (
     RunInfo,
     TrainResult,
     bench_loader,
+    bench_memory,
     bench_prepare,
     bench_train,
     documents_source,
@@ -22,10 +24,13 @@ from pipeline.bench import (
     merge_benchmarks,
     pool_runs,
     render_loader,
+    render_memory,
     render_prepare,
     render_section,
     render_train,
 )
+from pipeline.model import PRESETS
+from pipeline.plan import GIB, estimate_memory
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +106,27 @@ def test_a_run_replaces_only_its_own_device_section():
 
 def test_command_line_writes_the_markdown_file(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    main(["--quick", "--only", "loader", "--max-documents", "100", "--out", str(out)])
+    main(["--quick", "--only", "loader,memory", "--max-documents", "100", "--out", str(out)])
     text = out.read_text()
-    assert text.startswith("# Benchmarks") and "### loader" in text
+    assert text.startswith("# Benchmarks") and "### loader" in text and "### memory" in text
     assert "### prepare" not in text and "### train" not in text
     with pytest.raises(SystemExit):
         main(["--only", "nothing", "--out", str(out)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path gives estimates")
+def test_memory_benchmark_without_cuda_gives_estimates_up_to_the_cap():
+    results = bench_memory(block_size=1024, cap_bytes=40 * GIB)
+    assert [r.model for r in results] == ["gpt2", "gpt2_medium"]
+    small, medium = results
+    assert not small.measured and small.params < medium.params
+    for r in results:
+        assert list(r.peaks) == [2**k for k in range(r.largest.bit_length())]
+        peaks = list(r.peaks.values())
+        assert peaks == sorted(peaks) and peaks[-1] <= 40 * GIB
+        cfg = PRESETS[r.model]
+        assert estimate_memory(cfg, 2 * r.largest, 1024)["total"] > 40 * GIB
+    assert small.largest > medium.largest >= 1
+    text = render_memory(results)
+    assert "not measurements" in text and "| micro_batch_size | gpt2 (124M) GiB |" in text
+    assert f"gpt2 {small.largest}, gpt2_medium {medium.largest}" in text
