@@ -217,9 +217,20 @@ class TrainerConfig:
     """HellaSwag items scored at each evaluation (0 = none), split across processes."""
     hellaswag_path: str | None = None
     """HellaSwag validation file for hellaswag_items; null = download rowanz/hellaswag's."""
+    profile_steps: int = 0
+    """Optimizer steps to record with torch.profiler on the main process (0 = off): a trace
+    and an ops table in `<run>/profile/` (see pipeline.profiling)."""
+    profile_start: int = 5
+    """Steps of this launch left out before profiling (compilation, warm-up); one more warms
+    the profiler up."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.profile_steps < 0 or self.profile_start < 0:
+            out.append(
+                f"trainer.profile_steps={self.profile_steps} and trainer.profile_start="
+                f"{self.profile_start} must be >= 0"
+            )
         if self.hellaswag_items < 0:
             out.append(f"trainer.hellaswag_items={self.hellaswag_items} must be >= 0")
         if (self.max_steps is None) == (self.max_tokens is None):

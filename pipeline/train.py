@@ -51,6 +51,7 @@ from pipeline.hellaswag import HellaSwagError, evaluate_hellaswag, load_items, r
 from pipeline.metrics import Reporter, mfu, peak_flops
 from pipeline.model import GPT
 from pipeline.optim import build_optimizer, lr_at, set_lr
+from pipeline.profiling import PROFILE_DIR, StepProfiler
 from pipeline.runtime import keep_freed_memory_on_cpu
 
 SAMPLE_PROMPT = "The meaning of life is"
@@ -391,7 +392,9 @@ def train(cfg: TrainConfig) -> dict:
     elif state["step"] == 0 and run.val_windows is not None:
         run.validate()  # the untrained baseline, ~ln(vocab_size)
     path, started, bad_steps, stop = None, time.perf_counter(), 0, StopSignal()
-    with stop, contextlib.closing(run.reporter):
+    profiler = StepProfiler(t.profile_steps, t.profile_start, run.run_dir / PROFILE_DIR,
+                            acc.device, acc.is_main_process, run.reporter.print)  # fmt: skip
+    with stop, profiler, contextlib.closing(run.reporter):
         for step in range(state["step"], max_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim, max_steps)
@@ -414,6 +417,7 @@ def train(cfg: TrainConfig) -> dict:
             state["step"], state["tokens_seen"] = step + 1, state["tokens_seen"] + t.tokens_per_step
             bad_steps = 0 if finite else bad_steps + 1
             run.log_step(loss, lr, grad_norm, time.perf_counter() - t0, finite, bad_steps)
+            profiler.step()
             if bad_steps >= t.max_bad_steps:
                 run.save()
                 raise NumericsError(

@@ -128,6 +128,29 @@ def test_resumed_run_continues_exactly(sample_shards, tmp_path):
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
 
 
+def test_profiled_steps_write_a_trace_and_train_the_same(sample_shards, tmp_path, capsys):
+    plain = small_config(sample_shards, tmp_path, run_name="plain", checkpoint_interval=0)
+    train(plain)
+    profiled = small_config(sample_shards, tmp_path, run_name="profiled", checkpoint_interval=0,
+                            profile_steps=2, profile_start=1)  # fmt: skip
+    train(profiled)
+    assert records(tmp_path / "profiled", "train") == records(tmp_path / "plain", "train")
+    out = tmp_path / "profiled" / "profile"
+    assert f"profile written: {out / 'trace.json'}" in capsys.readouterr().out
+    events = json.loads((out / "trace.json").read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    steps = sorted(n for n in names if n.startswith("ProfilerStep#"))
+    assert steps == ["ProfilerStep#2", "ProfilerStep#3"]  # steps 3 and 4: 1 skipped, 1 warm-up
+    assert {
+        "aten::addmm",
+        "aten::scaled_dot_product_attention",
+        "Optimizer.step#AdamW.step",
+    } <= names
+    ops = (out / "ops.txt").read_text()
+    assert "optimizer steps 3..4" in ops and "aten::" in ops and "Self CPU" in ops
+    assert not (tmp_path / "plain" / "profile").exists()
+
+
 def test_finished_run_started_again_does_nothing(sample_shards, tmp_path, capsys):
     cfg = small_config(sample_shards, tmp_path, max_steps=3, eval_tokens=0)
     train(cfg)
