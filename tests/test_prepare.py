@@ -169,15 +169,34 @@ def test_text_and_jsonl_sources(tmp_path: Path):
         assert manifest["shards"][0]["file"] == f"{cfg.name}_train_000000.bin"
 
 
+FINEWEB_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*/*
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+---
+"""
+"""The `configs` of HuggingFaceFW/fineweb's dataset card, cut to two."""
+
+
 def test_hub_source_from_a_dataset_folder(fineweb_sample: Path, tmp_path: Path):
-    """source.kind=hub goes through `datasets.load_dataset(source.dataset, ...)`, which takes a
-    dataset folder as well as a hub id: parquet gives the bytes of the local source, json falls
-    back from the parquet-only `columns` option, and a missing column lists the real ones."""
-    parquet_dir = tmp_path / "parquet_dataset" / "data"
-    parquet_dir.mkdir(parents=True)
+    """source.kind=hub goes through `datasets.load_dataset(source.dataset, name=...)`, which
+    takes a dataset folder as well as a hub id. A folder laid out as FineWeb's repository gives
+    the bytes of the local source for its `sample-10BT` config; a json dataset falls back from
+    the parquet `columns` option; a missing column lists the real ones."""
     docs = sample_docs(fineweb_sample, 60)
     local = write_parquet(tmp_path / "docs.parquet", {"text": docs, "id": list(range(60))})
-    shutil.copy(local, parquet_dir / "train-00000-of-00001.parquet")
+    fineweb = tmp_path / "fineweb"
+    (fineweb / "sample" / "10BT").mkdir(parents=True)
+    (fineweb / "data" / "CC-MAIN-2024-10").mkdir(parents=True)
+    (fineweb / "README.md").write_text(FINEWEB_CARD)
+    shutil.copy(local, fineweb / "sample" / "10BT" / "000_00000.parquet")
+    write_parquet(fineweb / "data" / "CC-MAIN-2024-10" / "000_00000.parquet", {"text": ["x"]})
     json_dir = tmp_path / "json_dataset"
     json_dir.mkdir()
     (json_dir / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -188,21 +207,15 @@ def test_hub_source_from_a_dataset_folder(fineweb_sample: Path, tmp_path: Path):
         return prepare(cfg)
 
     reference = run("local", source_paths=[str(local)])
-    for name, folder in [("parquet", parquet_dir.parent), ("json", json_dir)]:
-        out = run(name, source_kind="hub", source_dataset=str(folder), source_config_name=None)
+    for name, folder, config in [("fineweb", fineweb, "sample-10BT"), ("json", json_dir, None)]:
+        out = run(name, source_kind="hub", source_dataset=str(folder), source_config_name=config)
         check_output(out, docs, 20_000, 10_000)
         assert [p.read_bytes() for p in sorted(out.glob("*.bin"))] == [
             p.read_bytes() for p in sorted(reference.glob("*.bin"))
         ]
-    with pytest.raises(
-        ConfigError, match=r"has no column 'body'; its columns are \['text', 'id'\]"
-    ):
-        run(
-            "body",
-            source_kind="hub",
-            source_dataset=str(parquet_dir.parent),
-            source_text_column="body",
-        )
+    with pytest.raises(ConfigError, match=r"no column 'body'; its columns are \['text', 'id'\]"):
+        run("body", source_kind="hub", source_dataset=str(fineweb),
+            source_config_name="sample-10BT", source_text_column="body")  # fmt: skip
 
 
 def test_damaged_row_group_names_the_file(fineweb_sample: Path, tmp_path: Path):
