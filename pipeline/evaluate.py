@@ -11,6 +11,7 @@ The model is a checkpoint (a run folder's newest by default) or, with `pretraine
 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder. Results go to
 `<run_dir>/eval/<checkpoint name>.json` with a Markdown table beside it (`.md`) and a table of
 all the run's evaluations, `<run_dir>/eval/summary.md`; OpenAI weights to `runs/openai/eval/`.
+Evaluating a checkpoint again on other tasks adds them to its results (see keep_earlier_tasks).
 
 The fields tasks, model, hellaswag_path and hellaswag_limit are read with defaults, so this
 module also runs with an EvaluateConfig that does not declare them.
@@ -267,9 +268,37 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             model, enc, cfg.prompt, cfg.sample_tokens, device=device, seed=cfg.seed
         )
     out = loaded.eval_dir / f"{loaded.name}.json"
+    result = keep_earlier_tasks(result, out)
     write_reports(result, out)
     result["path"] = str(out)
     return result
+
+
+TASK_FIELDS = {
+    "val_loss": ("val_loss", "perplexity", "eval_tokens", "windows", "block_size", "shard_dir"),
+    "hellaswag": ("hellaswag",),
+}
+"""The result fields each task writes."""
+
+
+def keep_earlier_tasks(result: dict, out: Path) -> dict:
+    """result, plus the fields of tasks that an earlier evaluation of the same checkpoint
+    (the JSON at `out`) ran and this one did not: running HellaSwag alone after the
+    validation loss keeps the loss. A task run again replaces its earlier figures. `tasks`
+    lists both runs' tasks."""
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        return result
+    key = ("checkpoint", "step")
+    if not isinstance(earlier, dict) or [earlier.get(k) for k in key] != [result[k] for k in key]:
+        return result
+    kept = [t for t in earlier.get("tasks", []) if t in TASK_FIELDS and t not in result["tasks"]]
+    merged = dict(result)
+    for task in kept:
+        merged |= {k: earlier[k] for k in TASK_FIELDS[task] if k in earlier}
+    merged["tasks"] = [t for t in TASKS if t in result["tasks"] or t in kept]
+    return merged
 
 
 # --------------------------------------------------------------------------- reports

@@ -175,7 +175,8 @@ def test_evaluate_writes_both_tasks_and_markdown_reports(sample_shards, shared_d
     cfg = EvaluateConfig(checkpoint=str(step2), eval_tokens=2048, sample_tokens=0)
     # set as attributes: works whether or not EvaluateConfig declares these fields
     cfg.tasks = ["val_loss", "hellaswag"]
-    cfg.hellaswag_path = str(shared_data / "hellaswag" / "hellaswag_val_klosax.jsonl")
+    cfg_path = str(shared_data / "hellaswag" / "hellaswag_val_klosax.jsonl")
+    cfg.hellaswag_path = cfg_path
     cfg.hellaswag_limit = 20
     r = evaluate(cfg)
     saved = json.loads((run_dir / "eval" / "step_0000002.json").read_text())
@@ -199,3 +200,11 @@ def test_evaluate_writes_both_tasks_and_markdown_reports(sample_shards, shared_d
     ]
     assert f"| {early['val_loss']:.4f} |" in rows[0] and rows[0].endswith("| – | – | – |")
     assert rows[1].endswith(f"| {hs['acc']:.4f} | {hs['acc_norm']:.4f} | 20 |")
+    # HellaSwag alone on the earlier checkpoint keeps its validation loss
+    cfg = EvaluateConfig(checkpoint=str(step1), eval_tokens=2048, sample_tokens=0)
+    cfg.tasks, cfg.hellaswag_path, cfg.hellaswag_limit = ["hellaswag"], cfg_path, 10
+    both = evaluate(cfg)
+    assert both["tasks"] == ["val_loss", "hellaswag"] and both["hellaswag"]["n"] == 10
+    assert both["val_loss"] == early["val_loss"] and both["eval_tokens"] == early["eval_tokens"]
+    saved = json.loads((run_dir / "eval" / "step_0000001.json").read_text())
+    assert saved["val_loss"] == early["val_loss"] and saved["hellaswag"]["n"] == 10
