@@ -266,7 +266,7 @@ def candidate_losses(
     vocab_size = _gpt_config(model).vocab_size
     x, y, mask = (t.to(device) for t in collate(batch, seq_len))
     with autocast():
-        logits, _ = model(x, y)  # (B, T, V); the model's own mean loss is not used
+        logits, _ = model(x, all_logits=True)  # (B, T, V)
     picked = logits[mask][:, :vocab_size].float()  # (N ending tokens, vocab_size)
     nll = F.cross_entropy(picked, y[mask], reduction="none")  # (N,)
     row = torch.arange(x.size(0), device=device).unsqueeze(1).expand_as(mask)[mask]  # (N,)

@@ -181,13 +181,14 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, all_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) int64 token ids, T ≤ block_size. targets: (B, T) int64 or None.
 
-        Returns (logits, loss): logits (B, T, V) when targets is None, else (B, T, V) with the
-        mean cross-entropy over all B·T positions in nats (float32 scalar); without targets only
-        the last position's logits (B, 1, V) are computed, for generation.
+        Returns (logits, loss): with targets, logits (B, T, V) and the mean cross-entropy over
+        all B·T positions in nats (float32 scalar); without targets, loss None and only the last
+        position's logits (B, 1, V), for generation, or all of them (B, T, V) with all_logits
+        (scoring, e.g. HellaSwag, without computing a loss it does not use).
         """
         B, T = idx.shape
         if T > self.cfg.block_size:
@@ -204,7 +205,7 @@ class GPT(nn.Module):
                 x = block(x)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+            return self.lm_head(x if all_logits else x[:, [-1], :]), None  # (B, T or 1, V)
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
         return logits, loss

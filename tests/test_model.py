@@ -57,6 +57,18 @@ def test_initial_loss_is_near_uniform():
     assert loss.item() == pytest.approx(math.log(50257), abs=0.2)
 
 
+def test_logits_without_targets_all_or_last_position():
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    idx = torch.randint(0, 50257, (3, 16))
+    with_loss, _ = model(idx, idx)
+    every, none = model(idx, all_logits=True)
+    last, _ = model(idx)
+    assert none is None and every.shape == (3, 16, 50304) and last.shape == (3, 1, 50304)
+    torch.testing.assert_close(every, with_loss)
+    torch.testing.assert_close(last, every[:, -1:])
+
+
 def test_attention_is_causal():
     torch.manual_seed(0)
     model = GPT(SMALL).eval()
