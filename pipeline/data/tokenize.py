@@ -244,11 +244,13 @@ def open_source(source: SourceConfig) -> datasets.IterableDataset:
     is tokenized.
     """
     raise_if(source.problems())
+    column_checked = False
     if source.kind == "local":
         files = resolve_files(source)
         builder = builder_for(files)
         if builder == "parquet":
             ds = parquet_stream(files, source.text_column)
+            column_checked = True  # in every file's footer, without reading a row
         else:
             # A plain-text file is one document: EOT marks document boundaries, and a line of
             # a book or a play is not a document.
@@ -268,7 +270,8 @@ def open_source(source: SourceConfig) -> datasets.IterableDataset:
                 f"{type(e).__name__}: {e}. Check the name, the network (HF_HUB_OFFLINE) and "
                 "access, or use a local source (source=local)"
             ) from e
-    _check_text_column(ds, source.text_column, where)
+    if not column_checked:
+        _check_text_column(ds, source.text_column, where)
     ds = ds.select_columns([source.text_column])
     if source.shuffle_buffer > 0:
         ds = _shuffle(ds, source.shuffle_seed, source.shuffle_buffer)
