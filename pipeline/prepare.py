@@ -70,8 +70,14 @@ from pipeline.data.tokenize import (
 )
 
 PROGRESS = ".progress.json"
+ORDER = "stream_order"
 SETTINGS_KEYS = ("format_version", "name", "tokenizer", "source", "shard_size", "val_tokens")
 """What the bytes depend on: a run with other values for these writes other shards."""
+STREAM_ORDER = 2
+"""Version of the order in which the stage reads documents. A progress record of another
+version cannot be continued: the stream position it records would point elsewhere. 2: local
+parquet read by row group (`tokenize.parquet_stream`), which shuffles differently from 1
+(`datasets`' parquet builder; its records carry no version)."""
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_SHARD_SIZE = 2**31 - 1
 
@@ -117,6 +123,11 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
             ]
         elif a != b:
             changes.append(f"{key}: {a!r} -> {b!r}")
+    if ORDER in old:
+        changes.append(
+            f"{ORDER}: {old[ORDER]} -> {STREAM_ORDER} (an earlier version of the prepare stage "
+            "started this run and read the documents in another order)"
+        )
     return "; ".join(changes) or "(unreadable record)"
 
 
@@ -157,7 +168,12 @@ class Progress:
 
     def save(self, out: Path, settings: dict[str, Any]) -> None:
         """Write `<out>/.progress.json` atomically (the previous one stays whole on failure)."""
-        record = {"fingerprint": fingerprint(settings), "settings": settings, **asdict(self)}
+        record = {
+            "fingerprint": fingerprint(settings),
+            "settings": settings,
+            "stream_order": STREAM_ORDER,
+            **asdict(self),
+        }
         write_json_atomic(out / PROGRESS, record)
 
     @classmethod
@@ -285,9 +301,12 @@ def _recorded_settings(out: Path) -> tuple[str, dict[str, Any]] | None:
         return "finished", {k: manifest.get(k) for k in SETTINGS_KEYS}
     if (out / PROGRESS).is_file():
         try:
-            return "unfinished", json.loads((out / PROGRESS).read_text())["settings"]
+            record = json.loads((out / PROGRESS).read_text())
+            settings = record["settings"]
         except (json.JSONDecodeError, KeyError):
             return "unfinished", {}
+        order = record.get("stream_order", 1)
+        return "unfinished", settings if order == STREAM_ORDER else {**settings, ORDER: order}
     return None
 
 

@@ -369,6 +369,11 @@ def test_full_disk_keeps_completed_shards(fineweb_sample: Path, tmp_path: Path, 
     with pytest.raises(PrepareError, match=f"{damaged} is missing or damaged"):
         prepare(cfg)
     damaged.write_bytes(content)
+    older = {k: v for k, v in recorded.items() if k != "stream_order"}  # an earlier version's
+    (folder / PROGRESS).write_text(json.dumps(older))
+    with pytest.raises(PrepareError, match="stream_order: 1 -> 2 .an earlier version"):
+        prepare(cfg)
+    (folder / PROGRESS).write_text(json.dumps(recorded))
     assert folder_bytes(prepare(cfg)) == folder_bytes(whole)
 
 
