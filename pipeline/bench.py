@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import (
+    COMPILE_MODES,
     DataConfig,
     OptimConfig,
     PrepareConfig,
@@ -564,6 +565,8 @@ class TrainResult:
     """Largest torch.cuda.max_memory_allocated (None on CPU)."""
     wall_s: float
     """Wall time of the train() calls (set-up, steps, final checkpoint), summed."""
+    compile_mode: str = "default"
+    """torch.compile's mode when compiled."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -629,6 +632,7 @@ def train_config(params: dict[str, Any]) -> TrainConfig:
         checkpoint_interval=0,
         sample_tokens=0,
         compile=params["compile"],
+        compile_mode=params.get("compile_mode", "default"),
         resume="never",
         peak_flops=params["peak_flops"],
     )
@@ -685,6 +689,7 @@ def train_in_child(params: dict[str, Any], work: Path, warmup_steps: int) -> Tra
         micro_batch_size=params["micro_batch_size"],
         block_size=params["block_size"],
         compile=params["compile"],
+        compile_mode=params.get("compile_mode", "default"),
         precision=child.pop("precision"),
         warmup_steps=warmup_steps,
         step_times_s=[[r["step_time_s"] for r in records]],
@@ -704,10 +709,11 @@ def bench_train(
     compile_modes: tuple[bool, ...] = (False, True),
     peak_flops: float | None = None,
     repeats: int = 1,
+    compile_mode: str = "default",
 ) -> list[TrainResult]:
     """One TrainResult per torch.compile setting: `repeats` runs of each, the settings
     alternating, of warmup_steps + steps optimizer steps of micro_batch_size x block_size
-    tokens each (one micro-batch per step)."""
+    tokens each (one micro-batch per step); compiled runs use compile_mode."""
     runs: dict[bool, list[TrainResult]] = {mode: [] for mode in compile_modes}
     for compile_model in [mode for _ in range(repeats) for mode in compile_modes]:
         params = {
@@ -717,6 +723,7 @@ def bench_train(
             "block_size": block_size,
             "steps": warmup_steps + steps,
             "compile": compile_model,
+            "compile_mode": compile_mode,
             "peak_flops": peak_flops,
         }
         result = train_in_child(params, work, warmup_steps)
@@ -1020,7 +1027,8 @@ def render_train(results: list[TrainResult], peak_flops: float | None) -> str:
             f"`pipeline.train.train` in a fresh process per row: model `{r0.model}` "
             f"({r0.params:,} parameters), micro_batch_size {r0.micro_batch_size} × block "
             f"{r0.block_size} = {r0.tokens_per_step:,} tokens per step (grad_accum_steps 1), "
-            f"precision {r0.precision}, device {r0.device}; no validation. Step time: median "
+            f"precision {r0.precision}, device {r0.device}, torch.compile mode "
+            f"`{r0.compile_mode}` where on; no validation. Step time: median "
             f"(and range) of `step_time_s` in metrics.jsonl over {len(r0.measured_s)} steps: "
             f"{len(r0.step_times_s)} runs per setting, the settings alternating, each of "
             f"{r0.warmup_steps} warm-up steps (left out) and "
@@ -1152,6 +1160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile", choices=["both", "off", "on"], help="torch.compile runs (both; --quick: off)"
     )
+    parser.add_argument(
+        "--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode"
+    )
     parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU")
     parser.add_argument("--max-documents", type=int, help="documents of the sample (all)")
     return parser
@@ -1206,7 +1217,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
         trains = bench_train(
             shard_dir, work, args.model, args.micro_batch_size, args.block_size,
             settings.warmup_steps, settings.train_steps, settings.compile_modes, args.peak_flops,
-            settings.train_repeats,
+            settings.train_repeats, args.compile_mode,
         )  # fmt: skip
     memory = bench_memory() if "memory" in benches else []
     parts = [render_prepare(prep)] if prep else []

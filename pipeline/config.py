@@ -165,6 +165,10 @@ class OptimConfig:
         return out
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The modes torch.compile takes."""
+
+
 @dataclass
 class TrainerConfig:
     run_name: str = "gpt2"
@@ -193,6 +197,9 @@ class TrainerConfig:
     """`bf16` (autocast, fp32 master weights), `fp32`, or `auto` (bf16 where supported)."""
     compile: bool | None = None
     """torch.compile the model; null = on for CUDA."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, or
+    max-autotune-no-cudagraphs (longer compilation, possibly faster kernels)."""
     cpu: bool = False
     """Train on the CPU even when a GPU is present."""
     fsdp: bool = False
@@ -246,6 +253,8 @@ class TrainerConfig:
                 out.append(f"trainer.{key}={getattr(self, key)} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             out.append(f"trainer.max_steps={self.max_steps} must be >= 1")
+        if self.compile_mode not in COMPILE_MODES:
+            out.append(f"trainer.compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
         if self.precision not in ("auto", "bf16", "fp32"):
             out.append(f"trainer.precision={self.precision!r}: use auto, bf16 or fp32")
         if self.eval_interval < 0 or self.checkpoint_interval < 0 or self.eval_tokens < 0:

@@ -345,13 +345,14 @@ def setup(cfg: TrainConfig) -> Run:
         loader.load_state_dict(saved["loader"])
         state = {key: saved.get(key) for key in state}
     compile_model = t.compile if t.compile is not None else device.type == "cuda"
+    compiled = functools.partial(torch.compile, mode=t.compile_mode)
     if t.fsdp:
         optimizer = accelerator.prepare(optimizer)
-        forward = with_autocast(torch.compile(model) if compile_model else model, accelerator)
+        forward = with_autocast(compiled(model) if compile_model else model, accelerator)
         no_sync = functools.partial(fsdp_no_sync, model)
     else:
         ddp_model, optimizer = accelerator.prepare(model, optimizer)  # DDP with several processes
-        forward = torch.compile(ddp_model) if compile_model else ddp_model
+        forward = compiled(ddp_model) if compile_model else ddp_model
         no_sync = functools.partial(accelerator.no_sync, ddp_model)
     reporter = Reporter(
         accelerator.is_main_process,
@@ -364,7 +365,8 @@ def setup(cfg: TrainConfig) -> Run:
     )
     reporter.print(
         f"run {run_dir} | {model.num_params():,} parameters | {world} process(es) on {device} | "
-        f"precision {accelerator.mixed_precision} | compile {compile_model} | "
+        f"precision {accelerator.mixed_precision} | "
+        f"compile {f'{compile_model} ({t.compile_mode})' if compile_model else False} | "
         f"{'FSDP full shard' if t.fsdp else 'data parallel'} | "
         f"grad_accum_steps {cfg.grad_accum_steps(world)} | {cfg.max_steps} steps x "
         f"{t.tokens_per_step:,} tokens | train split {train_split.num_tokens:,} tokens"

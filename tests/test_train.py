@@ -175,6 +175,7 @@ def test_resume_latest_needs_a_checkpoint(sample_shards, tmp_path):
         (dict(tokens_per_step=500), "not divisible"),
         (dict(max_steps=None), "exactly one of"),
         (dict(precision="fp8"), "precision"),
+        (dict(compile_mode="fast"), r"compile_mode='fast': use one of \('default', 're"),
     ],
 )
 def test_impossible_trainer_config_fails_before_any_step(sample_shards, tmp_path, change, message):
