@@ -62,6 +62,7 @@ from pipeline.data.shards import MANIFEST, open_split
 from pipeline.data.tokenize import get_encoding, resolve_num_workers
 from pipeline.model import GPT, PRESETS, ModelConfig
 from pipeline.plan import (
+    GIB,
     count_params,
     cuda_step_fits,
     estimate_memory,
@@ -632,7 +633,7 @@ def train_config(params: dict[str, Any]) -> TrainConfig:
         checkpoint_interval=0,
         sample_tokens=0,
         compile=params["compile"],
-        compile_mode=params.get("compile_mode", "default"),
+        compile_mode=params["compile_mode"],
         resume="never",
         peak_flops=params["peak_flops"],
     )
@@ -689,7 +690,7 @@ def train_in_child(params: dict[str, Any], work: Path, warmup_steps: int) -> Tra
         micro_batch_size=params["micro_batch_size"],
         block_size=params["block_size"],
         compile=params["compile"],
-        compile_mode=params.get("compile_mode", "default"),
+        compile_mode=params["compile_mode"],
         precision=child.pop("precision"),
         warmup_steps=warmup_steps,
         step_times_s=[[r["step_time_s"] for r in records]],
@@ -738,7 +739,7 @@ def bench_train(
 
 MEMORY_MODELS = ("gpt2", "gpt2_medium")
 """GPT-2 124M and 350M: peak training memory per micro-batch size."""
-MEMORY_CAP_BYTES = 79 << 30
+MEMORY_CAP_BYTES = 79 * GIB
 """An 80 GB GPU: the 79 GiB that an H100 or A100 80GB leaves to CUDA. On a larger GPU the
 caching allocator is limited to this (`torch.cuda.set_per_process_memory_fraction`), so the
 largest micro-batch is the one that fits on an 80 GB card."""
@@ -1105,13 +1106,12 @@ def render_memory(results: list[MemoryResult]) -> str:
     micro-batch within the cap."""
     r0 = results[0]
     sizes = sorted({b for r in results for b in r.peaks})
-    gib = 1 << 30
     rows = [
-        [str(b)] + [f"{r.peaks[b] / gib:,.2f}" if b in r.peaks else "—" for r in results]
+        [str(b)] + [f"{r.peaks[b] / GIB:,.2f}" if b in r.peaks else "—" for r in results]
         for b in sizes
     ]
     header = ["micro_batch_size"] + [f"{r.model} ({r.params / 1e6:,.0f}M) GiB" for r in results]
-    cap = f"{r0.cap_bytes / gib:,.0f} GiB (an 80 GB GPU)"
+    cap = f"{r0.cap_bytes / GIB:,.0f} GiB (an 80 GB GPU)"
     if r0.measured:
         how = (
             "Measured: `pipeline.plan.cuda_step_fits`, the real model and fused AdamW, bf16 "

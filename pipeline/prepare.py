@@ -171,7 +171,7 @@ class Progress:
         record = {
             "fingerprint": fingerprint(settings),
             "settings": settings,
-            "stream_order": STREAM_ORDER,
+            ORDER: STREAM_ORDER,
             **asdict(self),
         }
         write_json_atomic(out / PROGRESS, record)
@@ -305,7 +305,7 @@ def _recorded_settings(out: Path) -> tuple[str, dict[str, Any]] | None:
             settings = record["settings"]
         except (json.JSONDecodeError, KeyError):
             return "unfinished", {}
-        order = record.get("stream_order", 1)
+        order = record.get(ORDER, 1)
         return "unfinished", settings if order == STREAM_ORDER else {**settings, ORDER: order}
     return None
 

@@ -227,12 +227,17 @@ def _check_text_column(ds: datasets.IterableDataset, column: str, where: str) ->
         first = next(iter(ds.take(1)), None)
         columns = list(first) if first is not None else [column]
     if column not in columns:
-        raise ConfigError(
-            [
-                f"{where} has no column {column!r}; its columns are {columns}: set "
-                f"source.text_column to the one holding the document text"
-            ]
-        )
+        raise missing_column(where, column, columns)
+
+
+def missing_column(where: object, column: str, columns: list[str]) -> ConfigError:
+    """The error for a source without the text column, listing the columns it has."""
+    return ConfigError(
+        [
+            f"{where} has no column {column!r}; its columns are {columns}: set "
+            "source.text_column to the one holding the document text"
+        ]
+    )
 
 
 def open_source(source: SourceConfig) -> datasets.IterableDataset:
@@ -303,12 +308,7 @@ def parquet_stream(files: list[Path], column: str) -> datasets.IterableDataset:
             ) from e
         names = meta.schema_arrow.names
         if column not in names:
-            raise ConfigError(
-                [
-                    f"{f} has no column {column!r}; its columns are {names}: set "
-                    "source.text_column to the one holding the document text"
-                ]
-            )
+            raise missing_column(f, column, names)
         shards += [(str(f), g) for g in range(meta.num_row_groups)]
     # No `features`: with them, `datasets` encodes and decodes every row again (a third of the
     # reading process's time); _texts checks the values are strings.
