@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import final_weights, records, train_config, weights
+from runs import final_weights, records, tiny_run, train_config, weights
 
 import pipeline.checkpoint
 from pipeline.checkpoint import list_checkpoints
@@ -27,15 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def overrides(shard_dir: Path, runs_dir: Path, run_name: str = "run") -> list[str]:
     """A 2-layer model, 6 steps of 512 tokens (2 accumulation steps), checkpoints every 2."""
-    return [
-        "model=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-        "model.block_size=64", f"data.shard_dir={shard_dir}", f"trainer.runs_dir={runs_dir}",
-        f"trainer.run_name={run_name}", "trainer.tokens_per_step=512",
-        "trainer.micro_batch_size=4", "trainer.max_steps=6", "trainer.eval_interval=2",
+    return tiny_run(
+        shard_dir, runs_dir, run_name, "trainer.max_steps=6", "trainer.eval_interval=2",
         "trainer.eval_tokens=1024", "trainer.checkpoint_interval=2", "trainer.keep_last=10",
-        "trainer.sample_tokens=0", "trainer.cpu=true", "trainer.seed=5", "optim.max_lr=1e-2",
-        "optim.min_lr=1e-3", "optim.warmup_steps=2",
-    ]  # fmt: skip
+        "trainer.seed=5",
+    )  # fmt: skip
 
 
 def command(args: list[str]) -> list[str]:
