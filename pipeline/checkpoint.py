@@ -2,14 +2,17 @@
 
 A checkpoint is a folder `<run_dir>/checkpoints/step_NNNNNNN/` (N = optimizer steps done):
   model.pt       full model state_dict (unsharded, no `module.` / `_orig_mod.` prefixes)
-  optimizer.pt   full AdamW state, keyed by parameter name (loads sharded or not)
+  optimizer.pt   full optimizer state (AdamW, or Muon and AdamW), keyed by parameter name
+                 (loads sharded or not)
   rng.pt         python, numpy, torch CPU and CUDA generator states
   state.json     step, tokens seen, loader position, W&B run id, resolved config, and the size
                  and sha256 of every file above (both checked before loading)
 It is written under `.step_NNNNNNN.tmp`, every file fsynced, then renamed: a folder named
 `step_*` is complete. Only the main process writes (the state is replicated under DDP).
-Rotation keeps the newest `keep_last` and the best-validation checkpoint; resuming skips, with a
-warning, a checkpoint whose files are truncated or unreadable and takes the one before.
+Rotation keeps the newest `keep_last`, the best-validation checkpoint and, for a WSD run, the
+newest taken before its decay (`extendable` in state.json), from which the run can be extended;
+resuming skips, with a warning, a checkpoint whose files are truncated or unreadable and takes
+the one before.
 """
 
 from __future__ import annotations
@@ -88,11 +91,16 @@ def _save(obj: Any, path: Path) -> dict:
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+Optimizer = torch.optim.Optimizer | list[torch.optim.Optimizer]
+"""One torch optimizer or several over disjoint parameters (Muon and AdamW)."""
+
+
+def full_state(model: torch.nn.Module, optimizer: Optimizer) -> tuple[dict, dict]:
     """The whole model and optimizer state, unsharded, on the CPU: parameter names as in the
-    unwrapped model (no `module.`/`_orig_mod.` prefixes), optimizer state keyed by those names,
-    so a checkpoint loads into any number of processes, sharded (FSDP) or not. Collective under
-    FSDP: every process must call it."""
+    unwrapped model (no `module.`/`_orig_mod.` prefixes), optimizer state keyed by those names
+    (several optimizers merge into one dict: their param_groups in order), so a checkpoint
+    loads into any number of processes, sharded (FSDP) or not. Collective under FSDP: every
+    process must call it."""
     return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(
         model, optimizer, options=FULL
     )
@@ -145,25 +153,30 @@ def save_checkpoint(
 
 
 def rotate(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete complete checkpoints except the newest keep_last and the one with the lowest
-    validation loss; returns the deleted folders. Runs only after a new checkpoint is complete,
-    so the newest good checkpoint is never among them."""
+    """Delete complete checkpoints except the newest keep_last, the one with the lowest
+    validation loss and the newest marked `extendable` (a WSD run's last checkpoint before its
+    decay); returns the deleted folders. Runs only after a new checkpoint is complete, so the
+    newest good checkpoint is never among them."""
     found = list_checkpoints(run_dir)
     keep = set(found[-keep_last:])
-    scored = [(v, p) for p in found if (v := _val_loss(p)) is not None]
+    states = {p: _state(p) for p in found}
+    scored = [(v, p) for p in found if (v := states[p].get("val_loss")) is not None]
     if scored:
         keep.add(min(scored)[1])
+    extendable = [p for p in found if states[p].get("extendable")]
+    if extendable:
+        keep.add(extendable[-1])
     deleted = [p for p in found if p not in keep]
     for p in deleted:
         shutil.rmtree(p, ignore_errors=True)
     return deleted
 
 
-def _val_loss(path: Path) -> float | None:
+def _state(path: Path) -> dict:
     try:
-        return json.loads((path / STATE).read_text()).get("val_loss")
+        return json.loads((path / STATE).read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
 
 
 def remove_unfinished(run_dir: str | os.PathLike) -> list[Path]:
@@ -223,19 +236,33 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def load_newest_good(
     run_dir: str | os.PathLike,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     warn: Callable[[str], None] = print,
+    check: Callable[[dict], str | None] = lambda state: None,
 ) -> tuple[Path, dict] | None:
     """Load the newest checkpoint of the run that loads cleanly; a truncated or corrupt one is
     reported through `warn` and skipped in favour of the one before it (never loaded silently).
+    `check(state.json)` may also refuse a checkpoint by returning the reason (e.g. a WSD run
+    extended from before its decay); it is reported and skipped the same way.
     Returns (folder, state.json) or None when the run has no checkpoint. Raises CheckpointError
-    when checkpoints exist but none loads."""
+    when checkpoints exist but none loads or passes check."""
     found = list_checkpoints(run_dir)
+    refused = []
     for path in reversed(found):
         try:
-            return path, load_checkpoint(path, model, optimizer)
+            reason = check(read_state(path))
+            if reason is None:
+                return path, load_checkpoint(path, model, optimizer)
+            refused.append(f"{path.name}: {reason}")
+            warn(f"note: not resuming from {path}: {reason}")
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint {path}: {e}")
+    if refused:
+        raise CheckpointError(
+            f"no checkpoint in {Path(run_dir) / 'checkpoints'} can continue this run "
+            f"({refused[0]}): resume with the run's own budget, or start a new run (another "
+            "trainer.run_name)"
+        )
     if found:
         raise CheckpointError(
             f"none of the {len(found)} checkpoints in {Path(run_dir) / 'checkpoints'} loads: "
@@ -247,7 +274,7 @@ def load_newest_good(
 def load_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizer | None = None,
     restore_rng: bool = True,
 ) -> dict:
     """Load weights (and optimizer state, RNG states) from checkpoint folder `path` into the

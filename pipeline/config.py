@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline.model import ModelConfig
+from pipeline.model import LOSS_IMPLS, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -131,28 +131,80 @@ class DataConfig:
     about 10 s per 10B-token dataset per GB/s of disk). Sizes and headers are always checked."""
 
 
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "sqrt")
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay (GPT-3 paper, Brown et al. 2020, appendix B)."""
+    """The optimizer and its learning-rate schedule.
 
+    adamw: AdamW for every parameter (GPT-3, Brown et al. 2020, appendix B; llm.c's GPT-2).
+    muon: Muon (`torch.optim.Muon`; Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/)
+    for the 2-D weight matrices inside the transformer blocks, and AdamW (max_lr, betas,
+    weight_decay below) for the tied token embedding / output layer, the position embedding,
+    biases and LayerNorms, as modded-nanogpt and nanochat split them. The schedule multiplies
+    both optimizers' peak rates by the same factor.
+    """
+
+    name: str = "adamw"
+    """`adamw` or `muon` (set by the `optim` config group: optim=adamw | optim=muon)."""
     max_lr: float = 6e-4
-    """Peak learning rate, reached at the end of warmup."""
+    """Peak learning rate of AdamW (with muon: of the AdamW parameters), reached at the end of
+    warmup."""
     min_lr: float = 6e-5
-    """Learning rate at the end of the cosine decay (GPT-3: 10% of max_lr)."""
+    """AdamW's learning rate at the end of the decay; every rate ends at min_lr/max_lr of its
+    peak (GPT-3: 10%)."""
     warmup_steps: int = 700
     """Steps of linear warmup from max_lr/warmup_steps to max_lr."""
     weight_decay: float = 0.1
-    """Decoupled weight decay, applied to 2-D weights only (not biases, LayerNorm)."""
+    """AdamW's decoupled weight decay, applied to 2-D weights only (not biases, LayerNorm)."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
+    """Clip the global gradient norm (all parameters, both optimizers) to this value; 0
+    disables clipping."""
     fused: bool | None = None
     """Fused AdamW kernel; null = on when training on CUDA."""
+    schedule: str = "cosine"
+    """`cosine`: warmup, then cosine decay to min_lr at the last step (GPT-3). `wsd`:
+    warmup-stable-decay (Hu et al. 2024, MiniCPM): warmup, max_lr until the last
+    decay_fraction of the steps, then a decay to min_lr; a run can be extended from any
+    checkpoint taken before its decay (see pipeline.optim)."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of the steps in the final decay, in (0, 1] (Hägele et al. 2024 find 20%
+    matches cosine)."""
+    decay_shape: str = "linear"
+    """wsd: `linear` (modded-nanogpt) or `sqrt`, 1 - sqrt(progress) (Hägele et al. 2024,
+    "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", §3)."""
+    muon_lr: float = 0.02
+    """muon: peak learning rate of the Muon matrices (Keller Jordan's default 0.02)."""
+    muon_momentum: float = 0.95
+    """muon: Nesterov momentum of Muon."""
+    muon_weight_decay: float = 0.0
+    """muon: decoupled weight decay of the Muon matrices (multiplied by the current Muon
+    learning rate, as torch.optim.Muon does)."""
+    muon_adjust_lr: str = "original"
+    """muon: per-matrix learning-rate scale of torch.optim.Muon: `original` (sqrt(max(1,
+    rows/cols)), Keller Jordan) or `match_rms_adamw` (0.2·sqrt(max(rows, cols)), Liu et al.
+    2025, "Muon is Scalable for LLM Training"), which lets muon_lr take AdamW-sized values."""
+
+    def decay_start(self, max_steps: int) -> int:
+        """The first step whose rate depends on max_steps: warmup_steps for cosine (its decay
+        spans the whole run); for wsd, max_steps minus the max(1, round(decay_fraction ·
+        max_steps)) decay steps. Steps before it have the same rate whatever the budget, which
+        is what lets a WSD run be extended."""
+        if self.schedule != "wsd":
+            return self.warmup_steps
+        return max_steps - max(1, round(self.decay_fraction * max_steps))
 
     def problems(self) -> list[str]:
         out = []
+        if self.name not in OPTIMIZERS:
+            out.append(f"optim.name={self.name!r} is unknown: use optim=adamw or optim=muon")
         if self.max_lr <= 0 or self.min_lr < 0 or self.min_lr > self.max_lr:
             out.append(
                 f"optim: need 0 <= min_lr <= max_lr and max_lr > 0 "
@@ -162,6 +214,28 @@ class OptimConfig:
             out.append(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if self.weight_decay < 0 or self.grad_clip < 0:
             out.append("optim.weight_decay and optim.grad_clip must be >= 0")
+        if self.schedule not in SCHEDULES:
+            out.append(f"optim.schedule={self.schedule!r} is unknown: use cosine or wsd")
+        if not 0 < self.decay_fraction <= 1:
+            out.append(
+                f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]: the share of "
+                "the steps spent decaying, e.g. 0.2"
+            )
+        if self.decay_shape not in DECAY_SHAPES:
+            out.append(f"optim.decay_shape={self.decay_shape!r} is unknown: use linear or sqrt")
+        if self.name == "muon":
+            if self.muon_lr <= 0 or self.muon_weight_decay < 0:
+                out.append(
+                    f"optim.muon_lr={self.muon_lr} must be > 0 and optim.muon_weight_decay="
+                    f"{self.muon_weight_decay} >= 0"
+                )
+            if not 0 <= self.muon_momentum < 1:
+                out.append(f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
+            if self.muon_adjust_lr not in MUON_LR_ADJUSTMENTS:
+                out.append(
+                    f"optim.muon_adjust_lr={self.muon_adjust_lr!r} is unknown: use "
+                    "original or match_rms_adamw"
+                )
         return out
 
 
@@ -205,6 +279,11 @@ class TrainerConfig:
     fsdp: bool = False
     """Shard parameters, gradients and optimizer states over the processes (FSDP2 full shard,
     one unit per block) instead of replicating them (DDP): for gpt2_large and gpt2_xl."""
+    loss_impl: str = "chunked"
+    """Output layer + cross-entropy: `chunked` (a few hundred positions at a time, never the
+    whole (B, T, V) logits; see pipeline.model.chunked_cross_entropy), `full` (the logits
+    materialised, nanoGPT's way; more memory) or `liger` (Liger-Kernel's fused kernel, CUDA,
+    needs `pip install liger-kernel`)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward instead of storing them: about a
     third more compute for a much larger micro_batch_size."""
@@ -257,6 +336,8 @@ class TrainerConfig:
             out.append(f"trainer.compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
         if self.precision not in ("auto", "bf16", "fp32"):
             out.append(f"trainer.precision={self.precision!r}: use auto, bf16 or fp32")
+        if self.loss_impl not in LOSS_IMPLS:
+            out.append(f"trainer.loss_impl={self.loss_impl!r}: use one of {LOSS_IMPLS}")
         if self.eval_interval < 0 or self.checkpoint_interval < 0 or self.eval_tokens < 0:
             out.append("trainer.eval_interval, checkpoint_interval and eval_tokens must be >= 0")
         return out
@@ -303,6 +384,11 @@ class TrainConfig:
             return t.max_steps
         return -(-t.max_tokens // t.tokens_per_step)
 
+    @property
+    def decay_start(self) -> int:
+        """The first step of the schedule's decay (OptimConfig.decay_start of max_steps)."""
+        return self.optim.decay_start(self.max_steps)
+
     def grad_accum_steps(self, world_size: int) -> int:
         """tokens_per_step / (micro_batch_size · block_size · world_size); see problems()."""
         per_pass = self.trainer.micro_batch_size * self.block_size * world_size
@@ -325,6 +411,19 @@ class TrainConfig:
             )
             return out
         t = self.trainer
+        if self.optim.name == "muon" and t.fsdp:
+            out.append(
+                "optim=muon does not run with trainer.fsdp=true (torch.optim.Muon orthogonalises "
+                "whole matrices, FSDP2 gives each process a slice): train with data parallelism "
+                "(trainer.fsdp=false, with trainer.activation_checkpointing=true to save memory) "
+                "or keep FSDP with optim=adamw"
+            )
+        if self.optim.schedule == "wsd" and not out and self.decay_start < self.optim.warmup_steps:
+            out.append(
+                f"optim.schedule=wsd: the decay would start at step {self.decay_start}, before "
+                f"warmup ends (optim.warmup_steps={self.optim.warmup_steps}): lower "
+                "optim.warmup_steps or optim.decay_fraction, or train more steps"
+            )
         per_pass = t.micro_batch_size * self.block_size * world_size
         if t.tokens_per_step >= 1 and per_pass >= 1 and t.tokens_per_step % per_pass:
             out.append(

@@ -31,7 +31,6 @@ from typing import Any
 import hydra
 import tiktoken
 import torch
-import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, read_state, resolve_checkpoint
@@ -78,9 +77,8 @@ def estimate_loss(
     for x, y, weight in windows.rank_batches(micro_batch_size, rank, world_size):
         x, y, weight = x.to(device), y.to(device), weight.to(device)
         with autocast():
-            logits, _ = model(x, y)  # (B, T, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        per_window = nll.view(y.shape).sum(dim=1)  # (B,)
+            _, nll = model(x, y, reduction="none")  # (B, T) nats, float32
+        per_window = nll.sum(dim=1)  # (B,)
         sums[0] += (per_window * weight).sum()
         sums[1] += weight.sum() * y.size(1)
     if reduce is not None:

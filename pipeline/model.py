@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -76,6 +77,121 @@ PRESETS: dict[str, ModelConfig] = {
     # Trains on a laptop CPU in minutes; same code path as the real presets.
     "tiny": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),
 }
+
+
+LossImpl = Literal["chunked", "full", "liger"]
+LOSS_IMPLS: tuple[str, ...] = ("chunked", "full", "liger")
+"""How GPT.forward computes the output layer and the cross-entropy (trainer.loss_impl):
+chunked (default; no (B, T, V) logits held), full (the logits materialised, as nanoGPT does;
+the reference the chunked loss is tested against), liger (Liger-Kernel's fused Triton kernel,
+CUDA only, opt-in)."""
+
+LOSS_CHUNK_ELEMENTS = 1 << 24
+"""Logits computed at once by the chunked loss: 16M float32 (64 MiB), i.e. 256 rows of the
+50304-entry vocabulary (the row count is rounded down to a power of two). Measured on a 2-core
+CPU (BENCHMARKS.md): 64 to 1024 rows train the tiny model at the same step time within noise;
+smaller chunks only add Python overhead, larger ones only add memory."""
+
+
+def loss_chunk_rows(vocab_rows: int, elements: int = LOSS_CHUNK_ELEMENTS) -> int:
+    """Rows (positions) per chunk of the chunked loss: the largest power of two whose logits,
+    rows × vocab_rows, stay within `elements` (at least 1)."""
+    rows = max(1, elements // vocab_rows)
+    return 1 << (rows.bit_length() - 1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (x @ weight.T) against targets, chunk by chunk of positions.
+
+    The forward computes each chunk's logits, its loss and, at once, its gradients: with
+    p = softmax(logits), d loss / d logits = (p - onehot(target)) / N, so the chunk adds
+    dlogits @ weight to grad_x and dlogits.T @ x to grad_weight, and its logits are freed.
+    Only grad_x (N, C) and grad_weight (V, C, float32) are kept for the backward, which scales
+    them by the incoming gradient: the same FLOPs as logits + cross-entropy + their backward,
+    without the (N, V) logits, their float32 copy and their gradient (the technique of
+    Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, in plain PyTorch). grad_weight
+    accumulates over chunks in float32 even under bf16 autocast, since a bf16 accumulator
+    across chunks loses precision (Liger-Kernel issue #512). Matmuls follow the ambient
+    autocast (bf16 on GPUs); the softmax is float32, as `F.cross_entropy(logits.float())`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows: int):
+        # x: (N, C); weight: (V, C); targets: (N,) int64
+        n = x.size(0)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x)  # (N, C)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # (V, C)
+        for start in range(0, n, chunk_rows):
+            xc, tc = x[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = (xc @ weight.t()).float()  # (n_c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n_c,)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n_c, V)
+            dlogits.scatter_add_(1, tc[:, None], dlogits.new_full((tc.numel(), 1), -1.0))
+            dlogits.div_(n)
+            grad_x[start : start + chunk_rows] = dlogits @ weight  # (n_c, C)
+            grad_weight += dlogits.t() @ xc  # (V, C)
+        ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_output, grad_weight * grad_output, None, None
+
+
+def chunked_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy (nats) of the logits x @ weight.T against targets, computed chunk_rows
+    positions at a time so no (N, V) float32 logits exist at once.
+
+    x: (N, C) float; weight: (V, C); targets: (N,) int64 in [0, V). reduction "mean" gives a
+    float32 scalar, differentiable in x and weight (see _LinearCrossEntropy); "none" gives the
+    (N,) float32 per-position losses and is for evaluation only (no gradient). chunk_rows
+    defaults to loss_chunk_rows(V). Equals `F.cross_entropy((x @ weight.T).float(), targets)`
+    up to float rounding. Raises ValueError for another reduction or a gradient with "none".
+    """
+    chunk_rows = chunk_rows or loss_chunk_rows(weight.size(0))
+    if reduction == "mean":
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+        reduction, mean = "none", True
+    elif reduction == "none":
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            raise ValueError("chunked_cross_entropy: reduction='none' has no gradient")
+        mean = False
+    else:
+        raise ValueError(f"reduction={reduction!r}: use 'mean' or 'none'")
+    losses = torch.cat([
+        F.cross_entropy((xc @ weight.t()).float(), tc, reduction="none")
+        for xc, tc in zip(x.split(chunk_rows), targets.split(chunk_rows))
+    ])  # (N,)  # fmt: skip
+    return losses.mean() if mean else losses
+
+
+def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """Mean cross-entropy through Liger-Kernel's fused linear cross-entropy (CUDA, Triton),
+    with a float32 gradient accumulator where the installed version takes one. Raises
+    RuntimeError when liger-kernel is not installed (`pip install liger-kernel`)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise RuntimeError(
+            "trainer.loss_impl=liger needs liger-kernel (pip install liger-kernel, CUDA only): "
+            "install it or use trainer.loss_impl=chunked"
+        ) from e
+    import inspect
+
+    kwargs = {}
+    if "accum_dtype" in inspect.signature(LigerFusedLinearCrossEntropyLoss).parameters:
+        kwargs["accum_dtype"] = torch.float32
+    return LigerFusedLinearCrossEntropyLoss(**kwargs)(weight, x, targets)
 
 
 class CausalSelfAttention(nn.Module):
@@ -151,6 +267,7 @@ class GPT(nn.Module):
         # Tied embeddings (GPT-2; Press & Wolf 2017): one matrix maps tokens in and logits out.
         self.lm_head.weight = self.transformer.wte.weight
         self.activation_checkpointing = False  # trainer.activation_checkpointing sets it
+        self.loss_impl: LossImpl = "chunked"  # trainer.loss_impl sets it
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -181,14 +298,21 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, all_logits: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        all_logits: bool = False,
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) int64 token ids, T ≤ block_size. targets: (B, T) int64 or None.
 
-        Returns (logits, loss): with targets, logits (B, T, V) and the mean cross-entropy over
-        all B·T positions in nats (float32 scalar); without targets, loss None and only the last
-        position's logits (B, 1, V), for generation, or all of them (B, T, V) with all_logits
-        (scoring, e.g. HellaSwag, without computing a loss it does not use).
+        Returns (logits, loss). With targets: the cross-entropy in nats (float32), the mean over
+        all B·T positions (a scalar) or, with reduction="none", per position (B, T) (evaluation,
+        no gradient); logits are None, since the output layer and the loss are computed
+        together without holding the (B, T, V) logits (self.loss_impl: chunked, or liger on
+        CUDA), except with loss_impl "full", which returns them (B, T, V). Without targets:
+        loss None and only the last position's logits (B, 1, V), for generation, or all of them
+        (B, T, V) with all_logits (scoring, e.g. HellaSwag).
         """
         B, T = idx.shape
         if T > self.cfg.block_size:
@@ -206,9 +330,22 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x if all_logits else x[:, [-1], :]), None  # (B, T or 1, V)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
-        return logits, loss
+        return self.loss(x, targets, reduction)
+
+    def loss(
+        self, x: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits or None, loss) of the final hidden states x (B, T, C) against targets
+        (B, T), by self.loss_impl; see forward."""
+        flat_x, flat_t, weight = x.flatten(0, 1), targets.reshape(-1), self.lm_head.weight
+        if self.loss_impl == "full":
+            logits = self.lm_head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), flat_t, reduction=reduction)
+            return logits, loss if reduction == "mean" else loss.view(targets.shape)
+        if self.loss_impl == "liger" and reduction == "mean" and torch.is_grad_enabled():
+            return None, liger_cross_entropy(flat_x, weight, flat_t)
+        loss = chunked_cross_entropy(flat_x, weight, flat_t, reduction)  # () or (B·T,)
+        return None, loss if reduction == "mean" else loss.view(targets.shape)
 
     @torch.no_grad()
     def generate(

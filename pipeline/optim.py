@@ -1,24 +1,43 @@
-"""AdamW parameter groups and the learning-rate schedule."""
+"""Optimizers (AdamW, or Muon + AdamW) and the learning-rate schedules (cosine, WSD)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 
-from pipeline.config import OptimConfig
+from pipeline.config import ConfigError, OptimConfig, TrainConfig
+
+# --------------------------------------------------------------------------- schedules
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based) of a run of max_steps steps.
+    """AdamW's learning rate at optimizer step `step` (0-based) of a run of max_steps steps;
+    every other rate (Muon's) follows the same curve scaled to its own peak (lr_scale).
 
-    Linear warmup over warmup_steps, from max_lr/warmup_steps at step 0 to max_lr at step
-    warmup_steps-1; then cosine decay from max_lr at step warmup_steps to min_lr at the last
-    step, max_steps-1 (GPT-3, Brown et al. 2020, appendix B; nanoGPT `get_lr`). Steps past the
-    end stay at min_lr.
+    Warmup (both schedules): linear over warmup_steps, from max_lr/warmup_steps at step 0 to
+    max_lr at step warmup_steps-1.
+    cosine: cosine decay from max_lr at step warmup_steps to min_lr at the last step,
+    max_steps-1 (GPT-3, Brown et al. 2020, appendix B; nanoGPT `get_lr`).
+    wsd: max_lr until cfg.decay_start(max_steps), then over the D = max_steps - decay_start
+    decay steps, with progress p = (step - decay_start + 1)/D reaching 1 at the last step:
+    linear, max_lr + (min_lr - max_lr)·p (the trapezoidal schedule of modded-nanogpt), or sqrt,
+    min_lr + (max_lr - min_lr)·(1 - sqrt(p)) (Hägele et al. 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations", §3).
+    Steps past the end stay at min_lr.
     """
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        start = cfg.decay_start(max_steps)
+        if step < start:
+            return cfg.max_lr
+        progress = min(1.0, (step - start + 1) / (max_steps - start))
+        if cfg.decay_shape == "sqrt":
+            return cfg.min_lr + (cfg.max_lr - cfg.min_lr) * (1 - math.sqrt(progress))
+        return cfg.max_lr + (cfg.min_lr - cfg.max_lr) * progress
     decay_steps = max_steps - 1 - cfg.warmup_steps
     if decay_steps <= 0:
         return cfg.max_lr if step < max_steps else cfg.min_lr
@@ -26,28 +45,157 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
-def build_optimizer(
-    model: torch.nn.Module, cfg: OptimConfig, device_type: str
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D tensors only (matmul weights and embeddings), none on
-    biases and LayerNorm gains (nanoGPT `configure_optimizers`). The fused CUDA kernel is used
-    when cfg.fused is true, or when it is null and device_type is "cuda"."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+def lr_scale(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """The schedule as a factor of each optimizer's peak rate: lr_at / max_lr."""
+    return lr_at(step, cfg, max_steps) / cfg.max_lr
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+class Optimizers:
+    """The optimizers of a run, stepped and zeroed as one: [AdamW] or [Muon, AdamW].
+
+    Each parameter group keeps its peak rate under "peak_lr"; set_lr_scale sets every group's
+    rate to peak_lr times the schedule's factor, so one schedule drives both optimizers.
+    `optimizers` may hold accelerate's wrappers (AcceleratedOptimizer); `raw` unwraps them.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    def __iter__(self) -> Iterator[torch.optim.Optimizer]:
+        return iter(self.optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    @property
+    def raw(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers themselves (for checkpoint state dicts)."""
+        return [getattr(opt, "optimizer", opt) for opt in self.optimizers]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def set_lr_scale(self, scale: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["peak_lr"] * scale
+
+
+def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
+    """Whether Muon trains this parameter: a 2-D weight inside a transformer block (attention
+    c_attn, c_proj; MLP c_fc, c_proj). Embeddings (the tied wte/lm_head, wpe), biases and
+    LayerNorms stay with AdamW (Jordan et al. 2024: Muon is for hidden-layer matrices)."""
+    return param.dim() == 2 and name.startswith("transformer.h.")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> Optimizers:
+    """The run's optimizers at their peak rates (the schedule scales them each step).
+
+    AdamW decays 2-D tensors only (matmul weights and embeddings), not biases or LayerNorm gains
+    (nanoGPT `configure_optimizers`); its fused CUDA kernel is used when cfg.fused is true, or
+    when it is null and device_type is "cuda". With cfg.name == "muon", the block matrices
+    (is_muon_matrix) go to torch.optim.Muon (lr muon_lr, Nesterov momentum muon_momentum,
+    weight decay muon_weight_decay, adjust_lr_fn muon_adjust_lr) and AdamW keeps the rest.
+    The fused q, k, v matrix c_attn (3C, C) is orthogonalised as one matrix (see README,
+    "Training cheaper", for the measurement that chose this over three (C, C) blocks).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied: once
+    muon = [p for n, p in named if cfg.name == "muon" and is_muon_matrix(n, p)]
+    chosen = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in chosen]
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    return torch.optim.AdamW(
+    adamw = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ],
         lr=cfg.max_lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         fused=fused,
     )
+    optimizers = [adamw]
+    if muon:
+        optimizers.insert(0, torch.optim.Muon(
+            muon, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+            momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr,
+        ))  # fmt: skip
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
+    return Optimizers(optimizers)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+# --------------------------------------------------------------------------- continuing a run
+
+
+def saved_max_steps(config: dict) -> int:
+    """max_steps of the run a checkpoint's recorded config (TrainConfig as a dict) describes."""
+    trainer = config["trainer"]
+    if trainer.get("max_steps") is not None:
+        return trainer["max_steps"]
+    return -(-trainer["max_tokens"] // trainer["tokens_per_step"])
+
+
+def continuation_problem(state: dict, cfg: TrainConfig) -> str | None:
+    """Why the checkpoint whose state.json is `state` cannot continue the run cfg describes
+    with the same learning rates up to its step, or None when it can.
+
+    A checkpoint of step s continues a run of another budget only when every step before s
+    had the same rate under both budgets: for wsd, s <= decay_start of the old and of the new
+    budget (the checkpoint predates both decays), so an extended run equals a fresh run of the
+    larger budget up to the new decay. A returned reason means an older checkpoint may do
+    (skip this one). Raises ConfigError when no checkpoint of the run can continue cfg: another
+    optimizer (its state does not carry over), another schedule, or another budget for a
+    cosine schedule (its whole decay depends on max_steps).
+    """
+    saved = state.get("config") or {}
+    old_optim = saved.get("optim", {})
+    old_name = old_optim.get("name", "adamw")
+    if old_name != cfg.optim.name:
+        raise ConfigError([
+            f"the run's checkpoints were trained with optim={old_name}, this launch asks for "
+            f"optim={cfg.optim.name}: their optimizer state does not carry over. Resume with "
+            f"optim={old_name}, or start a new run (another trainer.run_name)"
+        ])  # fmt: skip
+    if "trainer" not in saved:
+        return None  # no recorded budget (a checkpoint written outside pipeline.train)
+    old_max, new_max = saved_max_steps(saved), cfg.max_steps
+    old_schedule = old_optim.get("schedule", "cosine")
+    if old_schedule != cfg.optim.schedule:
+        raise ConfigError([
+            f"the run was trained with optim.schedule={old_schedule}, this launch asks for "
+            f"optim.schedule={cfg.optim.schedule}: the learning rate would jump. Resume with "
+            f"optim.schedule={old_schedule}, or start a new run (another trainer.run_name)"
+        ])  # fmt: skip
+    if old_max == new_max:
+        return None
+    if cfg.optim.schedule != "wsd":
+        raise ConfigError([
+            f"trainer.max_steps changed from {old_max} to {new_max} (directly or through "
+            f"max_tokens), but this run follows a cosine schedule, whose decay spans all "
+            f"{old_max} steps: continuing would make the learning rate jump, and the finished "
+            f"run has already decayed. Resume with its budget ({old_max} steps), or train the "
+            "larger budget as a new run (another trainer.run_name), with optim.schedule=wsd "
+            "if you may want to extend it later"
+        ])  # fmt: skip
+    step = state["step"]
+    old_fraction = old_optim.get("decay_fraction", cfg.optim.decay_fraction)
+    old_start = dataclasses.replace(cfg.optim, decay_fraction=old_fraction).decay_start(old_max)
+    limit = min(old_start, cfg.decay_start)
+    if step <= limit:
+        return None
+    return (
+        f"step {step} is past the stable phase shared by the old budget ({old_max} steps, "
+        f"decay from step {old_start}) and the new one ({new_max} steps, decay from step "
+        f"{cfg.decay_start}): a WSD run continues with another budget only from a checkpoint "
+        f"of step {limit} or earlier"
+    )

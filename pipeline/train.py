@@ -29,6 +29,7 @@ from pipeline.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_newest_good,
+    read_state,
     remove_unfinished,
     resolve_checkpoint,
     save_checkpoint,
@@ -50,7 +51,7 @@ from pipeline.faults import inject
 from pipeline.hellaswag import HellaSwagError, evaluate_hellaswag, load_items, resolve_path
 from pipeline.metrics import Reporter, mfu, peak_flops
 from pipeline.model import GPT
-from pipeline.optim import build_optimizer, lr_at, set_lr
+from pipeline.optim import Optimizers, build_optimizer, continuation_problem, lr_at
 from pipeline.profiling import PROFILE_DIR, StepProfiler
 from pipeline.runtime import keep_freed_memory_on_cpu
 
@@ -75,16 +76,19 @@ def make_accelerator(cfg: TrainerConfig) -> Accelerator:
 
 
 def restore(
-    run_dir: Path, resume: str, model: GPT, optimizer: torch.optim.Optimizer, warn: Callable
+    cfg: TrainConfig, run_dir: Path, model: GPT, optimizer: Optimizers, warn: Callable
 ) -> tuple[Path | None, dict | None]:
     """Load the checkpoint a run continues from into model and optimizer (and the RNG states);
     returns (folder, state.json) or (None, None) for a new run.
 
-    trainer.resume: auto -> the newest checkpoint that loads (a truncated or corrupt one is
-    reported and skipped), a new run if there is none; latest -> the same, but one must exist;
-    never -> a new run, refusing a run folder with checkpoints; else a checkpoint folder path.
-    Raises CheckpointError.
+    trainer.resume: auto -> the newest checkpoint that loads and can continue cfg (a truncated
+    or corrupt one is reported and skipped; so is, when a WSD run is given a larger budget, one
+    taken in its decay: see pipeline.optim.continuation_problem), a new run if there is none;
+    latest -> the same, but one must exist; never -> a new run, refusing a run folder with
+    checkpoints; else a checkpoint folder path. Raises CheckpointError, or ConfigError when the
+    checkpoints cannot continue cfg (another optimizer, schedule, or a cosine run's budget).
     """
+    resume, check = cfg.trainer.resume, functools.partial(continuation_problem, cfg=cfg)
     if resume == "never":
         if list_checkpoints(run_dir):
             raise CheckpointError(
@@ -93,7 +97,7 @@ def restore(
             )
         return None, None
     if resume in ("auto", "latest"):
-        loaded = load_newest_good(run_dir, model, optimizer, warn)
+        loaded = load_newest_good(run_dir, model, optimizer.raw, warn, check)
         if loaded is None and resume == "latest":
             raise CheckpointError(
                 f"trainer.resume=latest but {run_dir} has no complete checkpoint: check "
@@ -101,7 +105,10 @@ def restore(
             )
         return loaded or (None, None)
     path = resolve_checkpoint(resume)
-    return path, load_checkpoint(path, model, optimizer)
+    reason = check(read_state(path))
+    if reason is not None:
+        raise ConfigError([f"trainer.resume={resume}: {reason}"])
+    return path, load_checkpoint(path, model, optimizer.raw)
 
 
 class StopSignal:
@@ -204,7 +211,7 @@ class Run:
     model: GPT  # unwrapped (sharded in place under FSDP): saving, evaluation, sampling
     forward: Callable  # the training forward: DDP-wrapped or sharded, compiled or not
     no_sync: Callable[[], contextlib.AbstractContextManager]  # gradient sync off (accumulation)
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizers  # AdamW, or Muon + AdamW
     loader: TrainLoader
     val_windows: ValidationWindows | None
     hellaswag: list  # HellaSwag items scored at each evaluation ([] = none)
@@ -267,6 +274,13 @@ class Run:
             self.reporter.train_step(step, max_steps, loss, lr, grad_norm, t.tokens_per_step, dt,
                                      util, seen, procs)  # fmt: skip
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether to checkpoint after `step` steps: every checkpoint_interval, at the end and,
+        for a WSD run, at its last stable step, from which the run can later be extended."""
+        cfg = self.cfg
+        last_stable = cfg.optim.schedule == "wsd" and step == cfg.decay_start
+        return should(step, cfg.trainer.checkpoint_interval, cfg.max_steps) or last_stable
+
     def replicas_agree(self) -> bool | None:
         """Whether every process holds the same weights, as data parallelism promises: per
         tensor float64 sums, gathered from all ranks and compared exactly (collective). None
@@ -284,12 +298,14 @@ class Run:
         if agree is False:
             self.reporter.print("warning: model weights differ between processes")
         if acc.is_main_process or self.cfg.trainer.fsdp:  # gathering shards is collective
-            raw_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-            model_state, optimizer_state = full_state(self.model, raw_optimizer)
+            model_state, optimizer_state = full_state(self.model, self.optimizer.raw)
         if acc.is_main_process:
+            step, wsd = self.state["step"], self.cfg.optim.schedule == "wsd"
             extra = {
                 "loader": self.loader.state_dict(),
                 "config": as_dict(self.cfg),
+                "max_steps": self.cfg.max_steps,
+                "extendable": wsd and step <= self.cfg.decay_start,  # taken before the decay
                 "world_size": self.accelerator.num_processes,
                 "replicas_agree": agree,
             }
@@ -335,11 +351,12 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(t.seed)
     model = GPT(cfg.model).to(device)
     model.activation_checkpointing = t.activation_checkpointing
+    model.loss_impl = t.loss_impl
     if t.fsdp:
         shard(model)  # before the optimizer, which must hold the sharded parameters
     optimizer = build_optimizer(model, cfg.optim, device.type)
     warn = print if accelerator.is_main_process else lambda _: None
-    resume_from, saved = restore(run_dir, t.resume, model, optimizer, warn)
+    resume_from, saved = restore(cfg, run_dir, model, optimizer, warn)
     state = {"step": 0, "tokens_seen": 0, "val_loss": None, "best_val_loss": None, "wandb_id": None}
     if saved is not None:
         loader.load_state_dict(saved["loader"])
@@ -347,11 +364,12 @@ def setup(cfg: TrainConfig) -> Run:
     compile_model = t.compile if t.compile is not None else device.type == "cuda"
     compiled = functools.partial(torch.compile, mode=t.compile_mode)
     if t.fsdp:
-        optimizer = accelerator.prepare(optimizer)
+        optimizer.optimizers = [accelerator.prepare(opt) for opt in optimizer]
         forward = with_autocast(compiled(model) if compile_model else model, accelerator)
         no_sync = functools.partial(fsdp_no_sync, model)
     else:
-        ddp_model, optimizer = accelerator.prepare(model, optimizer)  # DDP with several processes
+        ddp_model, *prepared = accelerator.prepare(model, *optimizer)  # DDP with several processes
+        optimizer.optimizers = prepared
         forward = compiled(ddp_model) if compile_model else ddp_model
         no_sync = functools.partial(accelerator.no_sync, ddp_model)
     reporter = Reporter(
@@ -399,8 +417,8 @@ def train(cfg: TrainConfig) -> dict:
     with stop, profiler, contextlib.closing(run.reporter):
         for step in range(state["step"], max_steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg.optim, max_steps)
-            set_lr(run.optimizer, lr)
+            lr = lr_at(step, cfg.optim, max_steps)  # AdamW's; Muon's follows at its own peak
+            run.optimizer.set_lr_scale(lr / cfg.optim.max_lr)
             loss = accumulate_gradients(run.forward, run.loader, grad_accum, acc, run.no_sync,
                                         poison=inject("nan", step + 1))  # fmt: skip
             grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip or math.inf)
@@ -429,7 +447,7 @@ def train(cfg: TrainConfig) -> dict:
                 )
             if run.val_windows is not None and should(step + 1, t.eval_interval, max_steps):
                 run.validate()
-            if should(step + 1, t.checkpoint_interval, max_steps) or stopping:
+            if run.checkpoint_due(step + 1) or stopping:
                 path = run.save()
             if stopping:
                 cause = stop.received or "a signal to another process"

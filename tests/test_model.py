@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pipeline.model import GPT, PRESETS, ModelConfig
+from pipeline.model import GPT, PRESETS, ModelConfig, chunked_cross_entropy, loss_chunk_rows
 
 # Parameter counts of OpenAI's released checkpoints (Hugging Face GPT2LMHeadModel, tied
 # embeddings counted once), vocabulary 50,257.
@@ -53,13 +54,18 @@ def test_initial_loss_is_near_uniform():
     model = GPT(dataclasses.replace(SMALL, n_embd=64))
     idx, targets = torch.randint(0, 50257, (2, 4, 16))
     logits, loss = model(idx, targets)
-    assert logits.shape == (4, 16, 50304)
+    assert logits is None  # the chunked loss never holds the (B, T, V) logits
     assert loss.item() == pytest.approx(math.log(50257), abs=0.2)
+    model.loss_impl = "full"
+    logits, full = model(idx, targets)
+    assert logits.shape == (4, 16, 50304)
+    torch.testing.assert_close(full, loss)
 
 
 def test_logits_without_targets_all_or_last_position():
     torch.manual_seed(0)
     model = GPT(SMALL).eval()
+    model.loss_impl = "full"
     idx = torch.randint(0, 50257, (3, 16))
     with_loss, _ = model(idx, idx)
     every, none = model(idx, all_logits=True)
@@ -75,8 +81,8 @@ def test_attention_is_causal():
     idx = torch.randint(0, 50257, (1, 16))
     changed = idx.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % 50257
-    a, _ = model(idx, idx)
-    b, _ = model(changed, changed)
+    a, _ = model(idx, all_logits=True)
+    b, _ = model(changed, all_logits=True)
     torch.testing.assert_close(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
@@ -127,3 +133,104 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+# --------------------------------------------------------------------------- chunked loss
+
+
+@pytest.fixture(scope="module")
+def verdict_tokens(shared_data) -> torch.Tensor:
+    """GPT-2 ids of real text ("The Verdict", the book's toy corpus): (4, 129) int64."""
+    import tiktoken
+
+    text = (shared_data / "text" / "the-verdict.txt").read_text()
+    ids = tiktoken.get_encoding("gpt2").encode_ordinary(text)[: 4 * 129]
+    return torch.tensor(ids).view(4, 129)
+
+
+def peaked_model() -> GPT:
+    """A small GPT-2 whose logits are far from uniform (embeddings scaled up), so the softmax
+    and its gradient are exercised where they are not ~1/V."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=128))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(40)
+    return model
+
+
+def loss_and_grads(model: GPT, impl: str, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    model.loss_impl = impl
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_chunked_loss_and_gradients_equal_the_full_logits_path(verdict_tokens):
+    model = peaked_model()
+    full, full_grads = loss_and_grads(model, "full", verdict_tokens)
+    chunked, chunked_grads = loss_and_grads(model, "chunked", verdict_tokens)
+    assert full.item() > 12  # peaked logits: far from ln(50257) = 10.8 at init
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    for name, g in full_grads.items():  # every parameter, the tied embedding included
+        relative = (chunked_grads[name] - g).norm() / g.norm()
+        assert relative < 1e-5, name
+
+
+def test_chunks_that_do_not_divide_the_positions_give_the_same_loss(verdict_tokens):
+    model = peaked_model()
+    x = torch.randn(4 * 128, 64, requires_grad=True)
+    w = model.lm_head.weight.detach().requires_grad_()
+    targets = verdict_tokens[:, 1:].reshape(-1)
+    reference = F.cross_entropy((x @ w.t()).float(), targets)
+    reference.backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    loss = chunked_cross_entropy(x, w, targets, chunk_rows=7)  # 73 chunks, the last of 1 row
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert (x.grad - grads[0]).norm() / grads[0].norm() < 1e-5
+    assert (w.grad - grads[1]).norm() / grads[1].norm() < 1e-5
+    assert loss_chunk_rows(50304) == 256 and loss_chunk_rows(10**9) == 1
+
+
+def test_per_position_losses_for_evaluation(verdict_tokens):
+    model = peaked_model().eval()
+    x, y = verdict_tokens[:, :-1], verdict_tokens[:, 1:]
+    with torch.no_grad():
+        _, per_position = model(x, y, reduction="none")
+        _, mean = model(x, y)
+        logits, _ = model(x, all_logits=True)
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), y.flatten(), reduction="none"
+    )
+    assert per_position.shape == (4, 128) and per_position.dtype == torch.float32
+    torch.testing.assert_close(per_position.flatten(), expected, rtol=1e-5, atol=1e-5)
+    assert mean.item() == pytest.approx(expected.mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="no gradient"):
+        model(x, y, reduction="none")
+
+
+def test_chunked_loss_under_bf16_autocast_tracks_the_full_path(verdict_tokens):
+    model, tokens = peaked_model(), verdict_tokens[:2, :65]
+    with torch.autocast("cpu", torch.bfloat16):
+        full, full_grads = loss_and_grads(model, "full", tokens)
+        chunked, chunked_grads = loss_and_grads(model, "chunked", tokens)
+    assert chunked.dtype == torch.float32
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-3)
+    for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight"):
+        g = full_grads[name]
+        assert (chunked_grads[name] - g).norm() / g.norm() < 2e-2, name
+        assert chunked_grads[name].dtype == torch.float32
+
+
+def test_chunked_loss_traces_under_torch_compile(verdict_tokens):
+    model = peaked_model()
+    eager, eager_grads = loss_and_grads(model, "chunked", verdict_tokens)
+    compiled = torch.compile(model, backend="aot_eager")  # autograd graph capture, CPU-fast
+    model.zero_grad(set_to_none=True)
+    _, loss = compiled(verdict_tokens[:, :-1], verdict_tokens[:, 1:])
+    loss.backward()
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
+    g, expected = model.transformer.wte.weight.grad, eager_grads["transformer.wte.weight"]
+    assert (g - expected).norm() / expected.norm() < 1e-5
