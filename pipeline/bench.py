@@ -11,6 +11,9 @@
 - loader: batches/s of `TrainLoader.next_batch` against the batches/s a training step consumes.
 - train: step time, tokens/s, MFU and peak memory of `pipeline.train.train`, torch.compile off
   and on, each in a fresh process.
+- loss: peak memory and step time of real training steps with the output layer and
+  cross-entropy computed in chunks (trainer.loss_impl=chunked, the default) against the full
+  (B, T, V) logits (full): the demo's tiny model at 16 x 256 and GPT-2 124M at 4 x 1024.
 - memory: peak training memory of GPT-2 124M and 350M per micro-batch size, and the largest
   micro-batch that fits on an 80 GB GPU (measured on CUDA; the analytic estimate without it).
 
@@ -72,7 +75,7 @@ from pipeline.plan import (
 from pipeline.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("prepare", "loader", "train", "memory")
+BENCHES = ("prepare", "loader", "train", "loss", "memory")
 SHARD_SIZE = 1_000_000
 """Tokens per shard, as the demo prepares the sample (Makefile DEMO_PREPARE)."""
 VAL_TOKENS = 250_000
@@ -87,6 +90,11 @@ LOADER_SHAPES = ((16, 1024), (16, 256))
 CHILD_CODE = "import sys; from pipeline.bench import child_main; child_main(*sys.argv[1:])"
 RESULT_MARK = "bench-result: "
 MIB = 1 << 20
+
+
+LOSS_CASES = (("tiny", 16, 256, 2, 8), ("gpt2", 4, 1024, 1, 1))
+"""(model, micro_batch_size, block_size, warm-up steps, measured steps) of the loss benchmark:
+the demo's run and GPT-2 124M at 4 x 1024."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class Settings:
     """Training runs per torch.compile setting, the settings alternating."""
     compile_modes: tuple[bool, ...] = (False, True)
     """torch.compile settings to train with."""
+    loss_cases: tuple = LOSS_CASES
+    """(model, micro_batch_size, block_size, warm-up, measured steps) of the loss benchmark."""
 
 
 FULL = Settings()
@@ -121,6 +131,7 @@ QUICK = Settings(
     train_steps=2,
     train_repeats=1,
     compile_modes=(False,),
+    loss_cases=(("tiny", 4, 256, 1, 1),),
 )
 
 
@@ -568,6 +579,8 @@ class TrainResult:
     """Wall time of the train() calls (set-up, steps, final checkpoint), summed."""
     compile_mode: str = "default"
     """torch.compile's mode when compiled."""
+    loss_impl: str = "chunked"
+    """trainer.loss_impl of the runs."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -636,6 +649,7 @@ def train_config(params: dict[str, Any]) -> TrainConfig:
         compile_mode=params["compile_mode"],
         resume="never",
         peak_flops=params["peak_flops"],
+        loss_impl=params.get("loss_impl", "chunked"),
     )
     return TrainConfig(
         model=replace(PRESETS[params["model"]]),
@@ -673,7 +687,7 @@ def read_train_records(metrics: Path) -> list[dict[str, Any]]:
 def train_in_child(params: dict[str, Any], work: Path, warmup_steps: int) -> TrainResult:
     """Train in a fresh process (with its own empty torch.compile cache, so compilation is
     timed cold) and read its metrics.jsonl."""
-    runs = work / f"train_{'compiled' if params['compile'] else 'eager'}"
+    runs = work / f"train_{'compiled' if params['compile'] else 'eager'}_{params['model']}"
     cache = {
         "TORCHINDUCTOR_CACHE_DIR": str(runs / "inductor_cache"),
         "TRITON_CACHE_DIR": str(runs / "triton_cache"),
@@ -691,6 +705,7 @@ def train_in_child(params: dict[str, Any], work: Path, warmup_steps: int) -> Tra
         block_size=params["block_size"],
         compile=params["compile"],
         compile_mode=params["compile_mode"],
+        loss_impl=params.get("loss_impl", "chunked"),
         precision=child.pop("precision"),
         warmup_steps=warmup_steps,
         step_times_s=[[r["step_time_s"] for r in records]],
@@ -732,6 +747,60 @@ def bench_train(
               f"{result.tokens_per_s:,.0f} tokens/s", flush=True)  # fmt: skip
         runs[compile_model].append(result)
     return [pool_runs(r) for r in runs.values()]
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def bench_loss(
+    shard_dir: Path, work: Path, cases=LOSS_CASES, repeats: int = 2
+) -> list[tuple[TrainResult, TrainResult]]:
+    """For each case, (full, chunked): `repeats` fresh training processes per loss_impl, the
+    two alternating, compile off, fp32 on CPU (bf16 on CUDA), no validation."""
+    out = []
+    for model, b, t, warmup, steps in cases:
+        runs: dict[str, list[TrainResult]] = {"full": [], "chunked": []}
+        for impl in [i for _ in range(repeats) for i in runs]:
+            params = {"model": model, "shard_dir": str(shard_dir), "micro_batch_size": b,
+                      "block_size": t, "steps": warmup + steps, "compile": False,
+                      "compile_mode": "default", "peak_flops": None, "loss_impl": impl}  # fmt: skip
+            result = train_in_child(params, work, warmup)
+            print(f"loss {model} {b}x{t} {impl}: {result.step_time_s:.3f} s/step, peak "
+                  f"{_mib(result.cuda_peak or result.peak_rss)}", flush=True)  # fmt: skip
+            runs[impl].append(result)
+        out.append((pool_runs(runs["full"]), pool_runs(runs["chunked"])))
+    return out
+
+
+def render_loss(pairs: list[tuple[TrainResult, TrainResult]]) -> str:
+    """The loss section: one row per model and loss_impl, with the change against full."""
+    rows = []
+    for full, chunked in pairs:
+        peak = {r.loss_impl: r.cuda_peak or r.peak_rss for r in (full, chunked)}
+        for r in (full, chunked):
+            change = "" if r is full else (
+                f"memory {100 * (peak['chunked'] / peak['full'] - 1):+.0f}%, step time "
+                f"{100 * (chunked.step_time_s / full.step_time_s - 1):+.1f}%"
+            )  # fmt: skip
+            rows.append([f"{r.model} ({r.params:,})", f"{r.micro_batch_size} × {r.block_size}",
+                         f"`{r.loss_impl}`", _s(r.step_time_s), str(len(r.measured_s)),
+                         _mib(peak[r.loss_impl]), change])  # fmt: skip
+    cuda = pairs[0][0].cuda_peak is not None
+    memory = "`torch.cuda.max_memory_allocated`" if cuda else "the process's peak RSS (VmHWM)"
+    return "\n".join([
+        "### loss: the output layer without (B, T, V) logits",
+        "",
+        "`pipeline.train.train` in a fresh process per run, `trainer.loss_impl=full` (the "
+        "(B, T, V) logits, their float32 copy and gradient, as nanoGPT) and `chunked` (the "
+        "default: 256 positions at a time, gradients computed in the forward; "
+        "`pipeline.model.chunked_cross_entropy`), the two alternating; precision "
+        f"{pairs[0][0].precision}, compile off, no validation. Step time: median of "
+        f"`step_time_s` after the warm-up steps; peak memory: {memory} of the run, which "
+        "includes the model, the optimizer states and, on CPU, the interpreter.",
+        "",
+        table(["model", "micro-batch", "loss_impl", "step time s", "steps", "peak memory",
+               "chunked vs full"], rows),
+    ])  # fmt: skip
 
 
 # --------------------------------------------------------------------------- memory
@@ -1203,7 +1272,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
         docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
         prep = bench_prepare(docs, source, work, settings.rounds, settings.scales)
         shard_dir = Path(prep.shard_dir)
-    elif {"loader", "train"} & set(benches):
+    elif {"loader", "train", "loss"} & set(benches):
         docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
         shard_dir = make_shards(docs, source, work)
     shapes = tuple(dict.fromkeys([*LOADER_SHAPES, (args.micro_batch_size, args.block_size)]))
@@ -1219,10 +1288,14 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
             settings.warmup_steps, settings.train_steps, settings.compile_modes, args.peak_flops,
             settings.train_repeats, args.compile_mode,
         )  # fmt: skip
+    losses = bench_loss(shard_dir, work, settings.loss_cases, settings.train_repeats) if (
+        "loss" in benches
+    ) else []  # fmt: skip
     memory = bench_memory() if "memory" in benches else []
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
+    parts += [render_loss(losses)] if losses else []
     parts += [render_memory(memory)] if memory else []
     return parts
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import OptimConfig, TrainerConfig
-from pipeline.model import GPT, PRESETS, ModelConfig
+from pipeline.model import GPT, PRESETS, ModelConfig, loss_chunk_rows
 from pipeline.optim import build_optimizer
 
 GIB = 1 << 30
@@ -49,6 +49,8 @@ def estimate_memory(
     precision: str = "bf16",
     world_size: int = 1,
     sharded: bool = False,
+    optimizer: str = "adamw",
+    loss_impl: str = "chunked",
 ) -> dict[str, int]:
     """Estimated peak training memory of one GPU, in bytes, by component, and their total.
 
@@ -63,7 +65,8 @@ def estimate_memory(
       weights in fp32). Gradients persist across the micro-steps of an accumulation.
     - optimizer: 8·N, AdamW's exp_avg and exp_avg_sq in fp32. Parameters, gradients and
       optimizer states together are the 16 bytes/parameter of mixed-precision Adam (ZeRO,
-      Rajbhandari et al. 2020).
+      Rajbhandari et al. 2020). optimizer="muon": 4 bytes (one momentum buffer) for the
+      12·L·h² block matrices Muon trains, 8 for the rest (AdamW).
     - autocast_weights: 2·(12·L·h² + V·h) with bf16, 0 with fp32: the bf16 copies of the matmul
       weights that autocast makes in the forward and the matmuls keep for the backward.
     - activations: L·34·s·b·h bytes for 16-bit activations (Korthikanti et al. 2022, "Reducing
@@ -74,11 +77,17 @@ def estimate_memory(
       Counting the tensors eager PyTorch saves on CPU gives ~37·s·b·h bytes per block with
       bf16 autocast (the residual stream and the LayerNorm inputs stay fp32), so the 16-bit
       figure is a little low, and ~64.5·s·b·h with fp32.
-    - logits: b·s·V·(p + 12) with p = 2 (bf16) or 4 (fp32) bytes: the (B, T, V) logits in the
-      compute dtype, which the caller holds through the backward; the float32 log-softmax that
-      cross-entropy keeps for the backward (GPT.forward casts with `logits.float()`, a no-op in
-      fp32); and, at the peak in log-softmax's backward, two float32 (B, T, V) gradients (the
-      incoming one and the one it produces).
+    - logits: the output layer and the loss. loss_impl="chunked" (the default; see
+      pipeline.model.chunked_cross_entropy): 8·b·s·h + 8·V·h + c·V·k with
+      c = min(loss_chunk_rows(V), b·s): the float32 input gradient (b·s·h) and weight gradient
+      (V·h) computed in the forward, each held to the backward and scaled there into a copy,
+      plus one chunk of logits at a time, k = 4 bytes in fp32 (float32 logits, softmaxed in
+      place) or 8 with bf16 (the bf16 product, its float32 copy and the bf16 cast of its
+      gradient), as measured by tests/test_plan.py. loss_impl="full": b·s·V·(p + 12), with
+      p = 2 (bf16) or 4 (fp32) bytes: the (B, T, V)
+      logits in the compute dtype, held through the backward; the float32 log-softmax that
+      cross-entropy keeps (`logits.float()` is a no-op in fp32); and, at the peak in
+      log-softmax's backward, two float32 (B, T, V) gradients.
 
     sharded=True (FSDP full shard, ZeRO stage 3) divides parameters, gradients, optimizer states
     and the autocast copies (FSDP keeps a bf16 copy of its own shard) by world_size; activations
@@ -87,19 +96,31 @@ def estimate_memory(
     Raises ValueError for an unknown precision or sizes out of range.
     """
     _check_estimate_args(model, micro_batch_size, block_size, precision, world_size)
+    if optimizer not in ("adamw", "muon") or loss_impl not in ("chunked", "full"):
+        raise ValueError(
+            f"cannot estimate memory: optimizer={optimizer!r} (adamw or muon), loss_impl="
+            f"{loss_impl!r} (chunked or full)"
+        )
     shards = world_size if sharded else 1
     n = count_params(model)
     h, s, b, v = model.n_embd, block_size, micro_batch_size, model.embedding_rows
     act = PRECISION_BYTES[precision]
     scale = act // 2  # 1 for 16-bit activations, 2 for fp32
-    matmul_weights = 12 * model.n_layer * h * h + v * h
+    block_matrices = 12 * model.n_layer * h * h
+    matmul_weights = block_matrices + v * h
+    optimizer_bytes = 8 * n if optimizer == "adamw" else 8 * n - 4 * block_matrices
+    if loss_impl == "full":
+        logits = b * s * v * (act + 12)
+    else:
+        rows = min(loss_chunk_rows(v), b * s)
+        logits = 8 * b * s * h + 8 * v * h + rows * v * (4 if act == 4 else 8)
     out = {
         "parameters": -(-4 * n // shards),
         "gradients": -(-4 * n // shards),
-        "optimizer": -(-8 * n // shards),
+        "optimizer": -(-optimizer_bytes // shards),
         "autocast_weights": -(-2 * matmul_weights // shards) if precision == "bf16" else 0,
         "activations": scale * (34 * model.n_layer + 4) * s * b * h,
-        "logits": b * s * v * (act + 12),
+        "logits": logits,
     }
     out["total"] = sum(out.values())
     return out
@@ -129,10 +150,11 @@ def memory_table(
     precision: str = "bf16",
     world_size: int = 1,
     sharded: bool = False,
+    optimizer: str = "adamw",
 ) -> str:
     """The estimate of each micro-batch size as a text table, GiB per component and total."""
     rows = [
-        estimate_memory(model, b, block_size, precision, world_size, sharded)
+        estimate_memory(model, b, block_size, precision, world_size, sharded, optimizer)
         for b in micro_batch_sizes
     ]
     keys = list(rows[0])
@@ -187,13 +209,15 @@ def cuda_step_fits(
     compile: bool,
     device: torch.device | str,
     peaks: dict[int, int] | None = None,
+    optimizer: str = "adamw",
 ) -> bool:
     """Whether training at micro_batch_size fits in the memory of CUDA device `device`.
 
-    Builds GPT(model_cfg) and the real AdamW (`build_optimizer`, default OptimConfig) on the
-    device and runs two optimizer steps of two micro-batches each, as training does with
-    gradient accumulation (random tokens, block_size tokens per sequence; bf16 autocast when
-    precision is "bf16"; torch.compile when compile). Returns False on CUDA out-of-memory, after
+    Builds GPT(model_cfg) and the real optimizer (`build_optimizer`, the default OptimConfig
+    with name=optimizer: adamw, or muon + adamw) on the device and runs two optimizer steps of
+    two micro-batches each, as training does with gradient accumulation (random tokens,
+    block_size tokens per sequence; bf16 autocast when precision is "bf16"; torch.compile when
+    compile). Returns False on CUDA out-of-memory, after
     freeing what the attempt allocated. On success, peaks[micro_batch_size] (when given) is set
     to torch.cuda.max_memory_allocated in bytes. Raises ValueError for a non-CUDA device.
     """
@@ -208,7 +232,8 @@ def cuda_step_fits(
     _release_cuda_memory(compile)
     torch.cuda.reset_peak_memory_stats(device)
     try:
-        _train_steps(model_cfg, micro_batch_size, block_size, precision, compile, device)
+        _train_steps(model_cfg, micro_batch_size, block_size, precision, compile, device,
+                     optimizer=optimizer)  # fmt: skip
         fits = True
     except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
         if not _is_out_of_memory(error):
@@ -238,11 +263,13 @@ def _train_steps(
     device: torch.device,
     steps: int = 2,
     grad_accum: int = 2,
+    optimizer: str = "adamw",
 ) -> None:
-    """`steps` optimizer steps of `grad_accum` micro-batches, as pipeline.train runs them."""
+    """`steps` optimizer steps of `grad_accum` micro-batches, as pipeline.train runs them
+    (the chunked loss, the model's default)."""
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
-    optim_cfg = OptimConfig()
+    optim_cfg = OptimConfig(name=optimizer)
     optimizer = build_optimizer(model, optim_cfg, device.type)
     forward = torch.compile(model) if compile else model
     shape = (micro_batch_size, block_size + 1)
@@ -250,8 +277,7 @@ def _train_steps(
         for _ in range(grad_accum):
             tokens = torch.randint(0, model_cfg.vocab_size, shape, device=device)
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-                # The logits stay referenced through the backward, as in the training loop.
-                logits, loss = forward(tokens[:, :-1], tokens[:, 1:])
+                _, loss = forward(tokens[:, :-1], tokens[:, 1:])
             (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
         optimizer.step()
@@ -267,15 +293,43 @@ def largest_power_of_two_fitting(
     world_size: int = 1,
     sharded: bool = False,
     high: int = 1024,
+    optimizer: str = "adamw",
 ) -> int:
     """The largest power of two b <= high whose estimated total fits in memory_bytes, or 0."""
     best, b = 0, 1
     while b <= high:
-        total = estimate_memory(model, b, block_size, precision, world_size, sharded)["total"]
+        est = estimate_memory(model, b, block_size, precision, world_size, sharded, optimizer)
+        total = est["total"]
         if total > memory_bytes:
             break
         best, b = b, 2 * b
     return best
+
+
+FIT_MARGIN = 0.9
+"""Share of a GPU's memory the advice fills: the estimate leaves out the caching allocator's
+fragmentation and workspaces, and counts 34 bytes per block element where eager bf16 saves ~37
+(see estimate_memory), so a micro-batch estimated at the very limit would not train."""
+GPU_MEMORY_GB = (24, 40, 48, 80)
+"""Common GPU memory sizes (GB): RTX 3090/4090, A100 40GB, A6000/L40S, A100/H100 80GB."""
+
+
+def largest_by_gpu(
+    model: ModelConfig,
+    block_size: int,
+    precision: str = "bf16",
+    optimizer: str = "adamw",
+    gpus_gb: tuple[int, ...] = GPU_MEMORY_GB,
+) -> dict[int, int]:
+    """For each GPU size (GB), the largest power-of-two micro_batch_size whose estimated peak
+    (estimate_memory, the chunked loss) fits in FIT_MARGIN of that many GiB less 1 GiB for the
+    CUDA context (an 80 GB card leaves about 79 GiB to tensors); 0 = none."""
+    return {
+        gb: largest_power_of_two_fitting(
+            model, block_size, FIT_MARGIN * (gb - 1) * GIB, precision, optimizer=optimizer
+        )
+        for gb in gpus_gb
+    }
 
 
 def batch_hint(micro_batch_size: int, block_size: int, num_gpus: int, tokens_per_step: int) -> str:
@@ -366,15 +420,21 @@ def run_memory(args: argparse.Namespace) -> None:
     cfg = _preset(args.model)
     block = args.block_size or cfg.block_size
     table = memory_table(
-        cfg, args.micro_batch_size, block, args.precision, args.world_size, args.sharded
-    )
+        cfg, args.micro_batch_size, block, args.precision, args.world_size, args.sharded,
+        args.optimizer,
+    )  # fmt: skip
     layout = "FSDP full shard" if args.sharded else "data parallel"
     print(
         f"{args.model}: {count_params(cfg):,} parameters | block {block} | {args.precision} | "
-        f"{args.world_size} GPU(s), {layout} | estimated peak GiB per GPU (eager; excludes "
-        "the CUDA context and fragmentation)"
+        f"{args.optimizer} | {args.world_size} GPU(s), {layout} | estimated peak GiB per GPU "
+        "(eager; excludes the CUDA context and fragmentation)"
     )
     print(table)
+    if not args.sharded:
+        fits = largest_by_gpu(cfg, block, args.precision, args.optimizer)
+        print(f"largest power-of-two micro_batch_size by GPU memory (estimate within "
+              f"{FIT_MARGIN:.0%} of the memory less 1 GiB): "
+              + " | ".join(f"{gb} GB: {b or 'none'}" for gb, b in fits.items()))  # fmt: skip
 
 
 def _measure_max_batch(cfg: ModelConfig, block: int, args: argparse.Namespace) -> int:
@@ -384,7 +444,8 @@ def _measure_max_batch(cfg: ModelConfig, block: int, args: argparse.Namespace) -
     peaks: dict[int, int] = {}
 
     def try_step(b: int) -> bool:
-        fits = cuda_step_fits(cfg, b, block, args.precision, args.compile, device, peaks=peaks)
+        fits = cuda_step_fits(cfg, b, block, args.precision, args.compile, device, peaks=peaks,
+                              optimizer=args.optimizer)  # fmt: skip
         shown = f"fits, peak {peaks[b] / GIB:.2f} GiB" if fits else "out of memory"
         print(f"micro_batch_size={b}: {shown}", flush=True)
         return fits
@@ -405,7 +466,7 @@ def _measure_max_batch(cfg: ModelConfig, block: int, args: argparse.Namespace) -
 def _estimate_max_batch(cfg: ModelConfig, block: int, args: argparse.Namespace) -> int:
     """The largest power-of-two micro-batch whose estimate fits in --memory-gib; prints it."""
     best = largest_power_of_two_fitting(
-        cfg, block, args.memory_gib * GIB, args.precision, high=args.high
+        cfg, block, args.memory_gib * GIB, args.precision, high=args.high, optimizer=args.optimizer
     )
     if best == 0:
         raise SystemExit(f"error: even micro_batch_size=1 exceeds {args.memory_gib} GiB")
@@ -455,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default="gpt2", help=f"preset: {', '.join(PRESETS)}")
         sub.add_argument("--block-size", type=int, help="tokens per sequence (model's default)")
         sub.add_argument("--precision", choices=sorted(PRECISION_BYTES), default="bf16")
+        sub.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
     memory.add_argument("--micro-batch-size", type=int, nargs="+", default=[8, 16, 32, 64])
     memory.add_argument("--world-size", type=int, default=1, help="GPUs of the job")
     memory.add_argument("--sharded", action="store_true", help="FSDP full shard over them")
