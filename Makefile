@@ -36,7 +36,7 @@ DEMO_ENV := $(if $(FINEWEB_SAMPLE),HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
 .PHONY: help setup setup-gpu demo prepare train train-auto resume evaluate test lint format clean \
 	upload-shards download-shards push-checkpoint pull-checkpoint max-batch memory cost sweep plot \
-	sample hellaswag gpt2-hellaswag export push-hf bench
+	sample hellaswag gpt2-hellaswag export push-hf bench compare
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -136,6 +136,10 @@ push-hf: $(VENV)/.installed ## Upload the exported folder OUT to the hub model r
 
 bench: $(VENV)/.installed ## Measure prepare, loader, training throughput and memory into BENCHMARKS.md (ARGS: --only ...)
 	$(PYTHON) -m pipeline.bench $(ARGS)
+
+compare: $(VENV)/.installed ## Tune AdamW and Muon on the tiny model (sweeps), compare the best into BENCHMARKS.md (hours on a CPU)
+	$(DEMO_ENV) $(PYTHON) -m pipeline.prepare $(DEMO_PREPARE)
+	$(PYTHON) -m pipeline.compare $(ARGS)
 
 test: $(VENV)/.installed ## Run the test suite (CPU, offline, about 7 minutes on 2 cores)
 	$(PYTHON) -m pytest

@@ -16,6 +16,7 @@ from pipeline.bench import (
     RunInfo,
     TrainResult,
     bench_loader,
+    bench_loss,
     bench_memory,
     bench_prepare,
     bench_train,
@@ -24,6 +25,7 @@ from pipeline.bench import (
     merge_benchmarks,
     pool_runs,
     render_loader,
+    render_loss,
     render_memory,
     render_prepare,
     render_section,
@@ -76,6 +78,16 @@ def test_loader_and_train_benchmarks_on_the_prepared_shards(prepared, tmp_path):
     assert "derived from the target, not measured" in loader_md  # the 16 x 1024 GPU row
     assert "tiny, compile off" in loader_md  # the 2 x 64 row, measured
     assert "| off |" in render_train([train], None)
+
+
+def test_loss_benchmark_runs_both_implementations(prepared, tmp_path):
+    (pair,) = bench_loss(Path(prepared.shard_dir), tmp_path, (("tiny", 2, 64, 1, 1),), repeats=1)
+    full, chunked = pair
+    assert (full.loss_impl, chunked.loss_impl) == ("full", "chunked")
+    assert all(r.peak_rss > 0 and len(r.measured_s) == 1 for r in pair)
+    text = render_loss([pair])
+    assert "| tiny (7,265,024) | 2 × 64 | `full` |" in text
+    assert "| tiny (7,265,024) | 2 × 64 | `chunked` |" in text and "memory " in text
 
 
 def test_runs_of_one_setting_pool_their_measured_steps():

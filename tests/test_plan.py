@@ -368,6 +368,20 @@ def test_memory_command_prints_the_estimate_table():
         assert row == {k: pytest.approx(v / GIB, abs=0.006) for k, v in est.items()}
 
 
+def test_memory_command_gives_the_micro_batch_for_common_gpus():
+    out = run_plan("memory", "--model", "gpt2_medium", "--optimizer", "muon",
+                   "--micro-batch-size", "8")  # fmt: skip
+    line = next(ln for ln in out.splitlines() if ln.startswith("largest power-of-two"))
+    fits = dict(cell.split(" GB: ") for cell in line.split("): ")[1].split(" | "))
+    cfg = PRESETS["gpt2_medium"]
+    for gb, b in fits.items():
+        usable = 0.9 * (int(gb) - 1) * GIB
+        b = int(b)
+        assert estimate_memory(cfg, b, 1024, optimizer="muon")["total"] <= usable
+        assert estimate_memory(cfg, 2 * b, 1024, optimizer="muon")["total"] > usable
+    assert int(fits["24"]) < int(fits["80"])
+
+
 def test_cost_command_prints_wall_time_and_cost(tmp_path, capsys):
     out = run_plan("cost", "--tokens", "10e9", "--tokens-per-s", "500000", "--gpus", "8",
                    "--price", "2.5")  # fmt: skip
