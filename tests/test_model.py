@@ -234,3 +234,17 @@ def test_chunked_loss_traces_under_torch_compile(verdict_tokens):
     assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
     g, expected = model.transformer.wte.weight.grad, eager_grads["transformer.wte.weight"]
     assert (g - expected).norm() / expected.norm() < 1e-5
+
+
+@pytest.mark.gpu
+def test_liger_kernel_matches_the_chunked_loss_on_cuda(verdict_tokens):
+    pytest.importorskip("liger_kernel")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tokens = peaked_model().cuda(), verdict_tokens.cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        chunked, chunked_grads = loss_and_grads(model, "chunked", tokens)
+        liger, liger_grads = loss_and_grads(model, "liger", tokens)
+    assert liger.item() == pytest.approx(chunked.item(), rel=1e-3)
+    for name, g in chunked_grads.items():
+        assert (liger_grads[name] - g).norm() / g.norm() < 2e-2, name
