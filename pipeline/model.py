@@ -175,6 +175,13 @@ def chunked_cross_entropy(
     return losses.mean() if mean else losses
 
 
+def liger_available(device: torch.device) -> bool:
+    """Whether loss_impl "liger" can run: a CUDA device and liger-kernel installed."""
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
 def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     """Mean cross-entropy through Liger-Kernel's fused linear cross-entropy (CUDA, Triton),
     with a float32 gradient accumulator where the installed version takes one. Raises

@@ -50,7 +50,7 @@ from pipeline.evaluate import estimate_loss, generate_text
 from pipeline.faults import inject
 from pipeline.hellaswag import HellaSwagError, evaluate_hellaswag, load_items, resolve_path
 from pipeline.metrics import Reporter, mfu, peak_flops
-from pipeline.model import GPT
+from pipeline.model import GPT, liger_available
 from pipeline.optim import Optimizers, build_optimizer, continuation_problem, lr_at
 from pipeline.profiling import PROFILE_DIR, StepProfiler
 from pipeline.runtime import keep_freed_memory_on_cpu
@@ -330,6 +330,11 @@ def setup(cfg: TrainConfig) -> Run:
     accelerator = make_accelerator(cfg.trainer)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     raise_if(cfg.problems(world))
+    if cfg.trainer.loss_impl == "liger" and not liger_available(device):
+        raise ConfigError([
+            "trainer.loss_impl=liger needs a CUDA device and liger-kernel (pip install "
+            "liger-kernel): install it, or use trainer.loss_impl=chunked (the default)"
+        ])  # fmt: skip
     t = cfg.trainer
     d, vocab = cfg.data, cfg.model.vocab_size
     train_split = open_split(d.shard_dir, "train", vocab, d.verify_checksums)

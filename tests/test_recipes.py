@@ -205,6 +205,8 @@ def test_a_longer_cosine_run_is_refused_with_the_reason(sample_shards, tmp_path)
         ("optim.warmup_steps=9", "before warmup ends"),
         ("optim.muon_adjust_lr=spectral", "muon_adjust_lr='spectral' is unknown"),
         ("optim.name=sgd", "optim=adamw or optim=muon"),
+        ("trainer.loss_impl=fused", "trainer.loss_impl='fused': use one of"),
+        ("trainer.loss_impl=liger", "needs a CUDA device and liger-kernel"),
     ],
 )
 def test_impossible_schedules_and_optimizers_fail_before_any_step(sample_shards, tmp_path,
