@@ -105,7 +105,7 @@ def direct_losses(model: GPT, item: Item) -> tuple[list[float], list[float]]:
         end = enc.encode(" " + ending)
         row = torch.tensor((ctx + end)[-(model.cfg.block_size + 1) :])
         with torch.no_grad():
-            logits, _ = model(row[None, :-1], row[None, 1:])
+            logits, _ = model(row[None, :-1], all_logits=True)
         logp = F.log_softmax(logits[0, :, : model.cfg.vocab_size], dim=-1)  # (T, vocab_size)
         token_losses = -logp[-len(end) :].gather(1, row[-len(end) :, None])  # ending tokens
         sums.append(token_losses.sum().item())

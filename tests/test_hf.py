@@ -56,7 +56,7 @@ def test_transformers_loads_the_export_with_equal_logits(model, exported):
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
     x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, _ = model(x, x)  # (2, 64, 50304): with targets, logits at every position
+        ours, _ = model(x, all_logits=True)  # (2, 64, 50304): logits at every position
         theirs = hf(x).logits  # (2, 64, 50257)
     torch.testing.assert_close(theirs, ours[..., :50257], atol=1e-4, rtol=1e-4)
 

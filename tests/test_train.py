@@ -223,7 +223,7 @@ def test_evaluate_reports_loss_and_perplexity_of_the_checkpoint(sample_shards, t
     windows = ValidationWindows(open_split(sample_shards, "val"), 64, 2048)
     batch = torch.stack([torch.from_numpy(windows.window(i)) for i in range(windows.num_windows)])
     with torch.no_grad():
-        logits, _ = model(batch[:, :-1], batch[:, 1:])
+        logits, _ = model(batch[:, :-1], all_logits=True)  # (B, T, V)
     direct = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
     assert result["val_loss"] == pytest.approx(direct, rel=1e-5)
     saved = json.loads(Path(result["path"]).read_text())
@@ -273,7 +273,9 @@ def test_command_line_train_then_evaluate(sample_shards, tmp_path):
 def test_wandb_offline_logging_and_resume_into_the_same_run(sample_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = small_config(sample_shards, tmp_path, max_steps=2, eval_tokens=0, checkpoint_interval=1)
+    cfg = small_config(sample_shards, tmp_path, max_steps=4, eval_tokens=0, checkpoint_interval=1)
+    cfg.optim = OptimConfig(max_lr=1e-2, min_lr=1e-3, warmup_steps=1, schedule="wsd",
+                            decay_fraction=0.25)  # fmt: skip
     cfg.logger = LoggerConfig(kind="wandb", project="test")
     train(cfg)
     run_dir = tmp_path / "run"
@@ -281,10 +283,10 @@ def test_wandb_offline_logging_and_resume_into_the_same_run(sample_shards, tmp_p
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     saved_id = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())["wandb_id"]
     assert runs[0].name.endswith(saved_id)
-    cfg.trainer.max_steps = 3  # extend the run: it continues under the same W&B id
+    cfg.trainer.max_steps = 6  # extend the WSD run from step 3: the same W&B run goes on
     train(cfg)
     resumed = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
-    assert resumed["step"] == 3 and resumed["wandb_id"] == saved_id
+    assert resumed["step"] == 6 and resumed["wandb_id"] == saved_id
 
 
 def test_hellaswag_during_training(sample_shards, shared_data, tmp_path):
