@@ -1147,9 +1147,10 @@ def render_section(device: Device, info: RunInfo, parts: list[str]) -> str:
 
 HEADER = """# Benchmarks
 
-Measured throughput of each stage, written by `python -m pipeline.bench` (`make bench`).
-There is one section per device; running the benchmark replaces the section of the device it
-runs on and keeps the others.
+Measured throughput of each stage, written by `python -m pipeline.bench` (`make bench`), and the
+optimizer comparison at tiny scale, written by `python -m pipeline.compare` (`make compare`).
+There is one section per device and tool; a run replaces the section of its own device and
+keeps the others.
 """
 NO_GPU = """## GPU
 

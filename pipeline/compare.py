@@ -8,9 +8,12 @@ of its seeds (conf/sweep/*.yaml: 2 seeds). Stages, each one sweep (`python -m pi
 
   adamw       optim=adamw, sweep=adamw_lr: AdamW's max_lr
   muon_lr     optim=muon at that max_lr, sweep=muon_lr: Muon's muon_lr
-  muon_adamw  optim=muon at the best muon_lr, sweep=adamw_lr: the AdamW rate beside Muon
-  qkv         the best Muon setting with the fused q, k, v matrix c_attn (3C, C) orthogonalised
-              as three (C, C) blocks instead of one matrix (modded-nanogpt's way), same seeds
+  muon_adamw  optim=muon at the best muon_lr, sweep=adamw_lr: the AdamW rate beside Muon (the
+              embeddings, biases and LayerNorms), by default at 2x and 4x AdamW's best rate
+              (--muon-adamw-lrs), the table adding muon_lr's best job at 1x
+  qkv         muon_lr's best setting with the fused q, k, v matrix c_attn (3C, C)
+              orthogonalised as three (C, C) blocks instead of one matrix (modded-nanogpt's
+              way), same seeds; it does not wait for muon_adamw
   timing      step time of the best AdamW and the best Muon setting, fresh processes in
               alternating order, no validation
 
@@ -93,6 +96,8 @@ class Results:
     stages: dict[str, list[Setting]] = field(default_factory=dict)
     qkv_split: Setting | None = None
     step_times: dict[str, list[float]] = field(default_factory=dict)
+    bf16_slowdown: float | None = None
+    """bf16 / fp32 matmul time on this CPU (None on CUDA)."""
 
 
 # --------------------------------------------------------------------------- running jobs
@@ -239,6 +244,21 @@ def step_times(
     return [r["step_time_s"] for r in rows if r["kind"] == "train"][warmup:]
 
 
+def bf16_matmul_slowdown(rows: int = 384, cols: int = 128, repeats: int = 50) -> float:
+    """How many times longer a bfloat16 Gram matrix X @ X.T of a (cols, rows) matrix takes than
+    a float32 one on the CPU: the core of torch.optim.Muon's Newton-Schulz iteration, which runs
+    in bfloat16 (default shape: the tiny model's c_attn, transposed as Muon does)."""
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(cols, rows, dtype=dtype)
+        x @ x.T
+        start = time.perf_counter()
+        for _ in range(repeats):
+            x @ x.T
+        times[dtype] = time.perf_counter() - start
+    return times[torch.bfloat16] / times[torch.float32]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -286,16 +306,25 @@ def render(results: Results, png: Path | None, budget: str) -> str:
         parts += ["", f"Step time (median of {n} steps each, fresh processes in alternating "
                   f"order, no validation): AdamW {t['adamw']:.3f} s, Muon {t['muon']:.3f} s, "
                   f"**{over:+.1f}%** (target: at most +10%)."]  # fmt: skip
+        if results.bf16_slowdown is not None:
+            parts[-1] += (
+                " torch.optim.Muon runs its Newton–Schulz iteration in bfloat16; on this CPU a "
+                f"bfloat16 matmul of the tiny model's q, k, v shape takes "
+                f"{results.bf16_slowdown:.1f}x as long as a float32 one (no bf16 matrix "
+                "units), which is most of Muon's extra time here. On GPUs with bf16 tensor "
+                "cores modded-nanogpt measures < 2% wall-clock overhead."
+            )
     for stage, title in (("adamw", "AdamW's max_lr"), ("muon_lr", "Muon's muon_lr"),
                          ("muon_adamw", "the AdamW rate beside Muon")):  # fmt: skip
         if stage in st:
             parts += ["", f"#### stage {stage}: {title}", "", stage_table(st[stage])]
     if results.qkv_split is not None:
-        s = results.qkv_split
+        s, fused = results.qkv_split, best(st["muon_lr"])
         parts += ["", "#### q, k, v: one (3C, C) matrix or three (C, C) blocks", "",
+                  f"At stage muon_lr's best setting, {fused.label()}.", "",
                   table(["c_attn orthogonalised as", "val loss per seed", "mean"], [
-                      ["one matrix (fused)", ", ".join(f"{j.val_loss:.4f}" for j in muon.jobs),
-                       f"{muon.mean:.4f}"],
+                      ["one matrix (fused)", ", ".join(f"{j.val_loss:.4f}" for j in fused.jobs),
+                       f"{fused.mean:.4f}"],
                       ["three blocks (split)", ", ".join(f"{j.val_loss:.4f}" for j in s.jobs),
                        f"{s.mean:.4f}"]])]  # fmt: skip
     if png is not None:
@@ -331,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", default="", help="comma-separated stages to leave out: qkv,timing")
     p.add_argument("--adamw-lrs", help="AdamW max_lr values, e.g. 3e-3,6e-3 (sweep adamw_lr's)")
     p.add_argument("--muon-lrs", help="Muon muon_lr values, e.g. 0.02,0.04 (sweep muon_lr's)")
+    p.add_argument(
+        "--muon-adamw-lrs",
+        help="AdamW rates beside Muon for stage muon_adamw (default: 2x and 4x the "
+        "best AdamW max_lr)",
+    )
     p.add_argument("--seeds", help="seeds, e.g. 1337,1338 (the sweeps')")
     p.add_argument("overrides", nargs="*", help="Hydra overrides added to every job")
     return p
@@ -349,18 +383,22 @@ def compare(args: argparse.Namespace) -> tuple[Results, str]:
     lr = best(st["adamw"]).jobs[0].max_lr
     st["muon_lr"] = sweep(runs, "muon_lr", ["optim=muon", f"optim.max_lr={lr}", *muon_grid,
                                             *seeds, *extra])  # fmt: skip
-    muon_lr = best(st["muon_lr"]).jobs[0].muon_lr
-    st["muon_adamw"] = sweep(runs, "muon_adamw", ["optim=muon", f"optim.muon_lr={muon_lr}",
-                                                  *adamw_grid, *seeds, *extra])  # fmt: skip
-    adamw, muon = best(st["adamw"]), best(st["muon_lr"] + st["muon_adamw"])
+    muon_1 = best(st["muon_lr"])
     if "qkv" not in skip:
         split = [train_split_qkv(runs / "compare" / "qkv" / str(j.seed),
-                                 [*muon.overrides(), *extra, f"trainer.seed={j.seed}"])
-                 for j in muon.jobs]  # fmt: skip
+                                 [*muon_1.overrides(), *extra, f"trainer.seed={j.seed}"])
+                 for j in muon_1.jobs]  # fmt: skip
         results.qkv_split = Setting([read_job(p) for p in split])
+    beside = args.muon_adamw_lrs or f"{2 * lr:g},{4 * lr:g}"
+    st["muon_adamw"] = [muon_1] + sweep(runs, "muon_adamw", [
+        "optim=muon", f"optim.muon_lr={muon_1.jobs[0].muon_lr}", "sweep=adamw_lr",
+        f"optim.max_lr={beside}", *seeds, *extra])  # fmt: skip
+    adamw, muon = best(st["adamw"]), best(st["muon_lr"] + st["muon_adamw"])
     if "timing" not in skip:
         with tempfile.TemporaryDirectory(prefix="compare-timing-") as tmp:
             results.step_times = {"adamw": [], "muon": []}
+            if not torch.cuda.is_available():
+                results.bf16_slowdown = bf16_matmul_slowdown()
             for _ in range(args.timing_rounds):
                 for name, s in (("adamw", adamw), ("muon", muon)):
                     results.step_times[name] += step_times(s, Path(tmp), args.timing_steps, 2,

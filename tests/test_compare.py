@@ -43,7 +43,8 @@ def test_compare_runs_the_sweeps_and_writes_the_tables(sample_shards, tmp_path):
     out, png = tmp_path / "BENCH.md", tmp_path / "loss.png"
     args = [
         "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--png", str(png),
-        "--adamw-lrs", "1e-2", "--muon-lrs", "0.02", "--seeds", "5", "--skip", "timing",
+        "--adamw-lrs", "1e-2", "--muon-lrs", "0.02",
+        "--muon-adamw-lrs", "2e-2", "--seeds", "5", "--skip", "timing",
         f"data.shard_dir={sample_shards}", "model.n_layer=2", "model.n_head=2",
         "model.n_embd=32", "model.block_size=64", "trainer.tokens_per_step=512",
         "trainer.micro_batch_size=8", "trainer.max_steps=5", "trainer.eval_interval=5",
@@ -57,7 +58,9 @@ def test_compare_runs_the_sweeps_and_writes_the_tables(sample_shards, tmp_path):
     for heading in ("stage adamw", "stage muon_lr", "stage muon_adamw", "three blocks (split)"):
         assert heading in report
     assert "best AdamW: adamw (max_lr 0.01)" in report
-    assert "best Muon: muon (max_lr 0.01, muon_lr 0.02)" in report
+    assert "best Muon: muon (max_lr 0.0" in report and ", muon_lr 0.02)" in report
+    beside = report.split("stage muon_adamw")[1].split("####")[0]
+    assert "| muon | 0.01 | 0.02 |" in beside and "| muon | 0.02 | 0.02 |" in beside
     section = out.read_text()
     assert "<!-- bench:device compare/" in section and report.splitlines()[0] in section
     assert matplotlib.image.imread(png).shape[2] in (3, 4)
