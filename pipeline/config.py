@@ -187,6 +187,11 @@ class OptimConfig:
     muon_weight_decay: float = 0.0
     """muon: decoupled weight decay of the Muon matrices (multiplied by the current Muon
     learning rate, as torch.optim.Muon does)."""
+    muon_ns_steps: int = 5
+    """muon: Newton–Schulz iterations per step (torch.optim.Muon's ns_steps; 5 is Keller
+    Jordan's default). Each costs three matrix products per matrix, run in bfloat16: on a GPU a
+    few percent of the step, on a CPU without bf16 matrix units most of Muon's cost, so fewer
+    (3) buys steps in CPU runs at a less exact orthogonalisation."""
     muon_adjust_lr: str = "original"
     """muon: per-matrix learning-rate scale of torch.optim.Muon: `original` (sqrt(max(1,
     rows/cols)), Keller Jordan) or `match_rms_adamw` (0.2·sqrt(max(rows, cols)), Liu et al.
@@ -231,6 +236,9 @@ class OptimConfig:
                 )
             if not 0 <= self.muon_momentum < 1:
                 out.append(f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
+            if not 1 <= self.muon_ns_steps < 100:
+                out.append(f"optim.muon_ns_steps={self.muon_ns_steps} must be in [1, 100): 5 is "
+                           "the default, 3 a cheaper one")  # fmt: skip
             if self.muon_adjust_lr not in MUON_LR_ADJUSTMENTS:
                 out.append(
                     f"optim.muon_adjust_lr={self.muon_adjust_lr!r} is unknown: use "

@@ -127,6 +127,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         optimizers.insert(0, torch.optim.Muon(
             muon, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
             momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr,
+            ns_steps=cfg.muon_ns_steps,
         ))  # fmt: skip
     for opt in optimizers:
         for group in opt.param_groups:

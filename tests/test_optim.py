@@ -98,6 +98,24 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     every = [p for opt in (muon, adamw) for g in opt.param_groups for p in g["params"]]
     assert len(every) == len({id(p) for p in every}) == len(list(model.parameters()))
     assert muon.defaults["lr"] == 0.05 and muon.defaults["adjust_lr_fn"] == "original"
+    assert muon.defaults["ns_steps"] == 5
+
+
+def test_muon_ns_steps_reaches_torch_and_changes_the_update():
+    """optim.muon_ns_steps is torch.optim.Muon's ns_steps: 3 iterations orthogonalise less
+    exactly than 5, so one step from the same weights and gradients moves them differently."""
+    after = {}
+    for n in (3, 5):
+        model = muon_model()
+        muon, _ = build_optimizer(model, OptimConfig(name="muon", muon_ns_steps=n), "cpu")
+        assert muon.defaults["ns_steps"] == n
+        w = model.transformer.h[0].mlp.c_fc.weight
+        torch.manual_seed(1)
+        w.grad = torch.randn_like(w)
+        start = w.detach().clone()
+        muon.step()
+        after[n] = w.detach() - start
+    assert not torch.equal(after[3], after[5])
 
 
 def test_the_schedule_scales_every_optimizer_from_its_own_peak():

@@ -204,6 +204,7 @@ def test_a_longer_cosine_run_is_refused_with_the_reason(sample_shards, tmp_path)
         ("optim.decay_shape=cosine", "decay_shape='cosine' is unknown"),
         ("optim.warmup_steps=9", "before warmup ends"),
         ("optim.muon_adjust_lr=spectral", "muon_adjust_lr='spectral' is unknown"),
+        ("optim.muon_ns_steps=0", r"muon_ns_steps=0 must be in \[1, 100\)"),
         ("optim.name=sgd", "optim=adamw or optim=muon"),
         ("trainer.loss_impl=fused", "trainer.loss_impl='fused': use one of"),
         ("trainer.loss_impl=liger", "needs a CUDA device and liger-kernel"),
