@@ -24,6 +24,7 @@ def small(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
         f"trainer.run_name={run_name}", "trainer.tokens_per_step=512",
         "trainer.micro_batch_size=8", "trainer.max_steps=3", "trainer.eval_interval=3",
         "trainer.eval_tokens=1024", "trainer.checkpoint_interval=3", "trainer.sample_tokens=4",
+        "optim.warmup_steps=1",
     ]  # fmt: skip
 
 
