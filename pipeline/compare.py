@@ -9,8 +9,8 @@ of its seeds (conf/sweep/*.yaml: 2 seeds). Stages, each one sweep (`python -m pi
   adamw       optim=adamw, sweep=adamw_lr: AdamW's max_lr
   muon_lr     optim=muon at that max_lr, sweep=muon_lr: Muon's muon_lr
   muon_adamw  optim=muon at the best muon_lr, sweep=adamw_lr: the AdamW rate beside Muon (the
-              embeddings, biases and LayerNorms), by default at 0.5x, 2x and 4x AdamW's best rate
-              (--muon-adamw-lrs), the table adding muon_lr's best job at 1x
+              embeddings, biases and LayerNorms), by default at 0.5x, 2x, 4x and 8x AdamW's best
+              rate (--muon-adamw-lrs), the table adding muon_lr's best job at 1x
   qkv         muon_lr's best setting with the fused q, k, v matrix c_attn (3C, C)
               orthogonalised as three (C, C) blocks instead of one matrix (modded-nanogpt's
               way), same seeds; it does not wait for muon_adamw
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--muon-lrs", help="Muon muon_lr values, e.g. 0.02,0.04 (sweep muon_lr's)")
     p.add_argument(
         "--muon-adamw-lrs",
-        help="AdamW rates beside Muon for stage muon_adamw (default: 0.5x, 2x and 4x "
+        help="AdamW rates beside Muon for stage muon_adamw (default: 0.5x, 2x, 4x and 8x "
         "the best AdamW max_lr; muon_lr's best adds 1x)",
     )
     p.add_argument("--seeds", help="seeds, e.g. 1337,1338 (the sweeps')")
@@ -389,7 +389,7 @@ def compare(args: argparse.Namespace) -> tuple[Results, str]:
                                  [*muon_1.overrides(), *extra, f"trainer.seed={j.seed}"])
                  for j in muon_1.jobs]  # fmt: skip
         results.qkv_split = Setting([read_job(p) for p in split])
-    beside = args.muon_adamw_lrs or f"{lr / 2:g},{2 * lr:g},{4 * lr:g}"
+    beside = args.muon_adamw_lrs or ",".join(f"{k * lr:g}" for k in (0.5, 2, 4, 8))
     st["muon_adamw"] = [muon_1] + sweep(runs, "muon_adamw", [
         "optim=muon", f"optim.muon_lr={muon_1.jobs[0].muon_lr}", "sweep=adamw_lr",
         f"optim.max_lr={beside}", *seeds, *extra])  # fmt: skip
