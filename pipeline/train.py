@@ -338,13 +338,18 @@ def setup(cfg: TrainConfig) -> Run:
     t = cfg.trainer
     d, vocab = cfg.data, cfg.model.vocab_size
     train_split = open_split(d.shard_dir, "train", vocab, d.verify_checksums)
-    loader = TrainLoader(
-        train_split, cfg.block_size, t.micro_batch_size, rank, world, t.seed, device, vocab
-    )
-    val_windows = None
+    val_split = None
     if t.eval_tokens > 0:
         val_split = open_split(d.shard_dir, "val", vocab, d.verify_checksums)
-        val_windows = ValidationWindows(val_split, cfg.block_size, t.eval_tokens)
+    try:  # splits too small for one batch or one validation window: the config must change
+        loader = TrainLoader(
+            train_split, cfg.block_size, t.micro_batch_size, rank, world, t.seed, device, vocab
+        )
+        val_windows = None
+        if val_split is not None:
+            val_windows = ValidationWindows(val_split, cfg.block_size, t.eval_tokens)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from e
     hellaswag = []
     if t.hellaswag_items:
         hellaswag = load_items(resolve_path(t.hellaswag_path), limit=t.hellaswag_items)
@@ -364,7 +369,12 @@ def setup(cfg: TrainConfig) -> Run:
     resume_from, saved = restore(cfg, run_dir, model, optimizer, warn)
     state = {"step": 0, "tokens_seen": 0, "val_loss": None, "best_val_loss": None, "wandb_id": None}
     if saved is not None:
-        loader.load_state_dict(saved["loader"])
+        try:
+            loader.load_state_dict(saved["loader"])
+        except ValueError as e:  # other data, seed or block_size: the sample order would differ
+            raise CheckpointError(
+                f"{resume_from}: {e}, or start a new run (another trainer.run_name)"
+            ) from e
         state = {key: saved.get(key) for key in state}
     compile_model = t.compile if t.compile is not None else device.type == "cuda"
     compiled = functools.partial(torch.compile, mode=t.compile_mode)

@@ -163,6 +163,25 @@ def test_finished_run_started_again_does_nothing(sample_shards, tmp_path, capsys
         train(small_config(sample_shards, tmp_path, max_steps=3, resume="never"))
 
 
+def test_resuming_with_another_seed_is_refused(sample_shards, tmp_path):
+    """The loader's sample order depends on the seed, the data and block_size: a resume that
+    changes one would silently train on another order. It is a checkpoint error (exit 2, which
+    launch/auto_resume.sh does not retry), and the run keeps what it had."""
+    train(small_config(sample_shards, tmp_path, eval_tokens=0))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000006")  # as if killed after step 3
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="loader seed=7 but this run has 8") as e:
+        train(small_config(sample_shards, tmp_path, eval_tokens=0, seed=8))
+    assert "step_0000003" in str(e.value) and "trainer.run_name" in str(e.value)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000003"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_validation_set_without_a_window_is_a_config_error(sample_shards, tmp_path):
+    with pytest.raises(ConfigError, match="holds no window of 65 tokens"):
+        train(small_config(sample_shards, tmp_path, eval_tokens=10))
+
+
 def test_resume_latest_needs_a_checkpoint(sample_shards, tmp_path):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         train(small_config(sample_shards, tmp_path, resume="latest"))
