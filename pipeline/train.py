@@ -338,18 +338,13 @@ def setup(cfg: TrainConfig) -> Run:
     t = cfg.trainer
     d, vocab = cfg.data, cfg.model.vocab_size
     train_split = open_split(d.shard_dir, "train", vocab, d.verify_checksums)
-    val_split = None
+    loader = TrainLoader(
+        train_split, cfg.block_size, t.micro_batch_size, rank, world, t.seed, device, vocab
+    )
+    val_windows = None
     if t.eval_tokens > 0:
         val_split = open_split(d.shard_dir, "val", vocab, d.verify_checksums)
-    try:  # splits too small for one batch or one validation window: the config must change
-        loader = TrainLoader(
-            train_split, cfg.block_size, t.micro_batch_size, rank, world, t.seed, device, vocab
-        )
-        val_windows = None
-        if val_split is not None:
-            val_windows = ValidationWindows(val_split, cfg.block_size, t.eval_tokens)
-    except ValueError as e:
-        raise ConfigError([str(e)]) from e
+        val_windows = ValidationWindows(val_split, cfg.block_size, t.eval_tokens)
     hellaswag = []
     if t.hellaswag_items:
         hellaswag = load_items(resolve_path(t.hellaswag_path), limit=t.hellaswag_items)

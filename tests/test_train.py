@@ -248,6 +248,8 @@ def test_evaluate_reports_loss_and_perplexity_of_the_checkpoint(sample_shards, t
     saved = json.loads(Path(result["path"]).read_text())
     assert saved["val_loss"] == result["val_loss"]
     assert Path(result["path"]) == run_dir / "eval" / "step_0000003.json"
+    with pytest.raises(ConfigError, match="holds no window of 65 tokens"):
+        evaluate(EvaluateConfig(checkpoint=str(run_dir), eval_tokens=10, sample_tokens=0))
 
 
 def test_command_line_train_then_evaluate(sample_shards, tmp_path):

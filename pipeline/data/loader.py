@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data.shards import ShardError, Split
 
 
@@ -26,7 +27,7 @@ class TrainLoader:
     """Training batches (x, y), each (micro_batch_size, block_size) int64 on `device`.
 
     Shards stay memory-mapped for the loader's life (no per-step file opening). Raises
-    ValueError when the split has no complete window; next_batch raises ShardError, naming the
+    ConfigError when the split has no complete window; next_batch raises ShardError, naming the
     file, for a token id >= vocab_size (when given).
     """
 
@@ -52,10 +53,10 @@ class TrainLoader:
         )
         self.samples_per_epoch = int(self.samples_per_shard.sum())
         if self.samples_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError([
                 f"the train split ({split.num_tokens} tokens) holds no window of "
                 f"block_size + 1 = {block_size + 1} tokens: prepare more data or lower block_size"
-            )
+            ])  # fmt: skip
         self.position = 0
         self._epoch_order: tuple[int, np.ndarray, np.ndarray] | None = None  # epoch, order, ends
         self._shard_perm: tuple[tuple[int, int], np.ndarray] | None = None  # (epoch, shard), perm
@@ -134,6 +135,7 @@ class ValidationWindows:
     tokens at stride block_size; n = (min(eval_tokens, split tokens) - 1) // block_size windows,
     each scoring block_size next-token predictions. eval_tokens=None takes the whole split.
     The same windows serve periodic validation and `pipeline.evaluate`, for every checkpoint.
+    Raises ConfigError when the first eval_tokens tokens hold no window.
     """
 
     def __init__(self, split: Split, block_size: int, eval_tokens: int | None = None):
@@ -142,10 +144,10 @@ class ValidationWindows:
         total = split.num_tokens if eval_tokens is None else min(eval_tokens, split.num_tokens)
         self.num_windows = max(0, (total - 1) // block_size)
         if self.num_windows == 0:
-            raise ValueError(
+            raise ConfigError([
                 f"validation split of {split.num_tokens} tokens (eval_tokens={eval_tokens}) "
                 f"holds no window of {block_size + 1} tokens: raise eval_tokens or val_tokens"
-            )
+            ])  # fmt: skip
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard
 
     @property
