@@ -13,7 +13,7 @@
   and on, each in a fresh process.
 - loss: peak memory and step time of real training steps with the output layer and
   cross-entropy computed in chunks (trainer.loss_impl=chunked, the default) against the full
-  (B, T, V) logits (full): the demo's tiny model at 16 x 256 and GPT-2 124M at 4 x 1024.
+  (B, T, V) logits (full): the tiny model at 16 x 256 and GPT-2 124M at 4 x 1024.
 - memory: peak training memory of GPT-2 124M and 350M per micro-batch size, and the largest
   micro-batch that fits on an 80 GB GPU (measured on CUDA; the analytic estimate without it).
 
@@ -86,7 +86,7 @@ GPU_TOKENS_PER_S = 500_000
 """Training throughput targeted for the 124M model on one H100 (tokens/s): a target, not a
 measurement, used to derive the batches/s the loader must supply on such a GPU."""
 LOADER_SHAPES = ((16, 1024), (16, 256))
-"""(micro_batch_size, block_size) read by the loader benchmark: GPT-2's and the demo's."""
+"""(micro_batch_size, block_size) read by the loader benchmark: GPT-2's and the tiny model's."""
 CHILD_CODE = "import sys; from pipeline.bench import child_main; child_main(*sys.argv[1:])"
 RESULT_MARK = "bench-result: "
 MIB = 1 << 20
@@ -94,7 +94,8 @@ MIB = 1 << 20
 
 LOSS_CASES = (("tiny", 16, 256, 2, 8), ("gpt2", 4, 1024, 1, 1))
 """(model, micro_batch_size, block_size, warm-up steps, measured steps) of the loss benchmark:
-the demo's run and GPT-2 124M at 4 x 1024."""
+the tiny model at 16 x 256 (the demo's batch until it moved to 8 x 256) and GPT-2 124M at
+4 x 1024."""
 
 
 @dataclass(frozen=True)
