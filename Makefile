@@ -79,7 +79,7 @@ train-auto: $(VENV)/.installed ## Train, restarting after preemption or a crash 
 	bash launch/auto_resume.sh $(TRAIN) $(TRAIN_ARGS)
 
 resume: $(VENV)/.installed ## Continue EXPERIMENT from its newest checkpoint (fails if it has none)
-	$(TRAIN) $(TRAIN_ARGS) trainer.resume=latest
+	$(TRAIN) $(TRAIN_ARGS) checkpoint.resume=latest
 
 sweep: $(VENV)/.installed ## Hydra sweep SWEEP (conf/sweep/) over EXPERIMENT: job N is runs/<run_name>/N
 	$(PYTHON) -m pipeline.train $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) sweep=$(SWEEP) $(ARGS)

@@ -3,7 +3,7 @@
 #   bash launch/auto_resume.sh .venv/bin/python -m pipeline.train experiment=gpt2_124m_10bt
 #   NPROC=8 bash launch/auto_resume.sh bash launch/train_single_node.sh experiment=gpt2_124m_10bt
 #   make train-auto EXPERIMENT=gpt2_124m_10bt NPROC=8
-# Each start continues from the newest good checkpoint (trainer.resume=auto), and a run that is
+# Each start continues from the newest good checkpoint (checkpoint.resume=auto), and a run that is
 # already complete exits 0 at once, which ends the loop.
 # Exit codes of `python -m pipeline.train`: 0 complete; 75 stopped by SIGTERM/SIGUSR1 after a
 # checkpoint (restart); 2 config, data or checkpoint error and 3 diverged (a restart cannot fix

@@ -17,21 +17,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.model import LOSS_IMPLS, ModelConfig
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message lists each problem and what to change."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def raise_if(problems: list[str]) -> None:
-    """Raise one ConfigError naming every problem, or return when there is none."""
-    if problems:
-        raise ConfigError(problems)
-
-
 # --------------------------------------------------------------------------- prepare
 
 
@@ -249,10 +234,14 @@ class OptimConfig:
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """The modes torch.compile takes."""
+PRECISIONS = ("auto", "bf16", "fp32")
+"""auto: bf16 on a CUDA device that supports it, else fp32 (see pipeline.training.runtime)."""
 
 
 @dataclass
 class TrainerConfig:
+    """The run, its batch and its length (`trainer.*`)."""
+
     run_name: str = "gpt2"
     """Run folder name under runs_dir. Fixed (no timestamp) so every rank and every resumed
     launch finds the same folder."""
@@ -265,16 +254,76 @@ class TrainerConfig:
     """Optimizer steps of the run; the cosine schedule ends here."""
     max_tokens: int | None = None
     """Alternative to max_steps: max_steps = ceil(max_tokens / tokens_per_step)."""
-    eval_interval: int = 250
-    """Validate every this many steps and at the end; 0 = only at the end."""
-    eval_tokens: int = 10_485_760
-    """Validation tokens per evaluation (20 x 524,288, as build-nanogpt); see pipeline.evaluate."""
     log_interval: int = 1
     """Log train metrics every this many steps."""
-    checkpoint_interval: int = 1000
+    seed: int = 1337
+    """Seeds model init, data order and dropout."""
+    max_bad_steps: int = 5
+    """Stop (after a checkpoint) when this many steps in a row have a non-finite loss or
+    gradient norm; each such step is skipped with a warning."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if (self.max_steps is None) == (self.max_tokens is None):
+            out.append("trainer: set exactly one of trainer.max_steps and trainer.max_tokens")
+        for key in ("tokens_per_step", "micro_batch_size", "log_interval", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                out.append(f"trainer.{key}={getattr(self, key)} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(f"trainer.max_steps={self.max_steps} must be >= 1")
+        return out
+
+
+@dataclass
+class EvalConfig:
+    """What training measures while it runs, and when (`eval.*`)."""
+
+    interval: int = 250
+    """Validate every this many steps and at the end; 0 = only at the end."""
+    tokens: int = 10_485_760
+    """Validation tokens per evaluation (20 x 524,288, as build-nanogpt); 0 = no validation.
+    See pipeline.evaluation.scoring."""
+    sample_tokens: int = 64
+    """Tokens generated from a fixed prompt at each evaluation (0 = none)."""
+    hellaswag_items: int = 0
+    """HellaSwag items scored at each evaluation (0 = none), split across processes."""
+    hellaswag_path: str | None = None
+    """HellaSwag validation file for hellaswag_items; null = download rowanz/hellaswag's."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("interval", "tokens", "sample_tokens", "hellaswag_items"):
+            if getattr(self, key) < 0:
+                out.append(f"eval.{key}={getattr(self, key)} must be >= 0")
+        return out
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written, how many are kept, and where a run continues from
+    (`checkpoint.*`)."""
+
+    interval: int = 1000
     """Save a checkpoint every this many steps and at the end; 0 = only at the end."""
     keep_last: int = 3
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume: str = "auto"
+    """`auto` (newest complete checkpoint of the run, if any), `latest` (the newest, which must
+    exist), `never` (fail if the run has checkpoints), or the path of a checkpoint folder."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.interval < 0:
+            out.append(f"checkpoint.interval={self.interval} must be >= 0")
+        if self.keep_last < 1:
+            out.append(f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        return out
+
+
+@dataclass
+class RuntimeConfig:
+    """How the steps run: device, precision, compilation, sharding, memory (`runtime.*`)."""
+
     precision: str = "auto"
     """`bf16` (autocast, fp32 master weights), `fp32`, or `auto` (bf16 where supported)."""
     compile: bool | None = None
@@ -295,60 +344,70 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward instead of storing them: about a
     third more compute for a much larger micro_batch_size."""
-    seed: int = 1337
-    """Seeds model init, data order and dropout."""
-    resume: str = "auto"
-    """`auto` (newest complete checkpoint of the run, if any), `latest` (the newest, which must
-    exist), `never` (fail if the run has checkpoints), or the path of a checkpoint folder."""
-    max_bad_steps: int = 5
-    """Stop (after a checkpoint) when this many steps in a row have a non-finite loss or
-    gradient norm; each such step is skipped with a warning."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU; null = look up the bf16 dense peak by device name."""
-    sample_tokens: int = 64
-    """Tokens generated from a fixed prompt at each evaluation (0 = none)."""
-    hellaswag_items: int = 0
-    """HellaSwag items scored at each evaluation (0 = none), split across processes."""
-    hellaswag_path: str | None = None
-    """HellaSwag validation file for hellaswag_items; null = download rowanz/hellaswag's."""
-    profile_steps: int = 0
-    """Optimizer steps to record with torch.profiler on the main process (0 = off): a trace
-    and an ops table in `<run>/profile/` (see pipeline.profiling)."""
-    profile_start: int = 5
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.compile_mode not in COMPILE_MODES:
+            out.append(f"runtime.compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
+        if self.precision not in PRECISIONS:
+            out.append(f"runtime.precision={self.precision!r}: use auto, bf16 or fp32")
+        if self.loss_impl not in LOSS_IMPLS:
+            out.append(f"runtime.loss_impl={self.loss_impl!r}: use one of {LOSS_IMPLS}")
+        return out
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler over a window of steps (`profile.*`; see pipeline.training.profiling)."""
+
+    steps: int = 0
+    """Optimizer steps to record on the main process (0 = off): a trace and an ops table in
+    `<run>/profile/`."""
+    start: int = 5
     """Steps of this launch left out before profiling (compilation, warm-up); one more warms
     the profiler up."""
 
     def problems(self) -> list[str]:
-        out = []
-        if self.profile_steps < 0 or self.profile_start < 0:
-            out.append(
-                f"trainer.profile_steps={self.profile_steps} and trainer.profile_start="
-                f"{self.profile_start} must be >= 0"
-            )
-        if self.hellaswag_items < 0:
-            out.append(f"trainer.hellaswag_items={self.hellaswag_items} must be >= 0")
-        if (self.max_steps is None) == (self.max_tokens is None):
-            out.append("trainer: set exactly one of trainer.max_steps and trainer.max_tokens")
-        for key in (
-            "tokens_per_step",
-            "micro_batch_size",
-            "log_interval",
-            "keep_last",
-            "max_bad_steps",
-        ):
-            if getattr(self, key) < 1:
-                out.append(f"trainer.{key}={getattr(self, key)} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            out.append(f"trainer.max_steps={self.max_steps} must be >= 1")
-        if self.compile_mode not in COMPILE_MODES:
-            out.append(f"trainer.compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            out.append(f"trainer.precision={self.precision!r}: use auto, bf16 or fp32")
-        if self.loss_impl not in LOSS_IMPLS:
-            out.append(f"trainer.loss_impl={self.loss_impl!r}: use one of {LOSS_IMPLS}")
-        if self.eval_interval < 0 or self.checkpoint_interval < 0 or self.eval_tokens < 0:
-            out.append("trainer.eval_interval, checkpoint_interval and eval_tokens must be >= 0")
-        return out
+        if self.steps < 0 or self.start < 0:
+            return [f"profile.steps={self.steps} and profile.start={self.start} must be >= 0"]
+        return []
+
+
+RENAMED = {
+    "trainer.eval_interval": "eval.interval",
+    "trainer.eval_tokens": "eval.tokens",
+    "trainer.sample_tokens": "eval.sample_tokens",
+    "trainer.hellaswag_items": "eval.hellaswag_items",
+    "trainer.hellaswag_path": "eval.hellaswag_path",
+    "trainer.checkpoint_interval": "checkpoint.interval",
+    "trainer.keep_last": "checkpoint.keep_last",
+    "trainer.resume": "checkpoint.resume",
+    "trainer.precision": "runtime.precision",
+    "trainer.compile": "runtime.compile",
+    "trainer.compile_mode": "runtime.compile_mode",
+    "trainer.cpu": "runtime.cpu",
+    "trainer.fsdp": "runtime.fsdp",
+    "trainer.loss_impl": "runtime.loss_impl",
+    "trainer.activation_checkpointing": "runtime.activation_checkpointing",
+    "trainer.peak_flops": "runtime.peak_flops",
+    "trainer.profile_steps": "profile.steps",
+    "trainer.profile_start": "profile.start",
+}
+"""Training keys that moved out of `trainer` into their own groups: old name -> new name."""
+
+
+def renamed_key_problems(overrides: list[str]) -> list[str]:
+    """One problem per command-line override that uses a key from RENAMED (with or without
+    Hydra's +, ++ or ~ prefix), naming its new name."""
+    out = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED:
+            value = override.split("=", 1)[1] if "=" in override else "..."
+            out.append(f"{key} was renamed to {RENAMED[key]}: write {RENAMED[key]}={value}")
+    return out
 
 
 @dataclass
@@ -379,6 +438,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     @property
@@ -408,6 +471,10 @@ class TrainConfig:
             self.model.problems()
             + self.optim.problems()
             + self.trainer.problems()
+            + self.eval.problems()
+            + self.checkpoint.problems()
+            + self.runtime.problems()
+            + self.profile.problems()
             + self.logger.problems()
         )
         if self.data.block_size is not None and not (
@@ -419,11 +486,11 @@ class TrainConfig:
             )
             return out
         t = self.trainer
-        if self.optim.name == "muon" and t.fsdp:
+        if self.optim.name == "muon" and self.runtime.fsdp:
             out.append(
-                "optim=muon does not run with trainer.fsdp=true (torch.optim.Muon orthogonalises "
+                "optim=muon does not run with runtime.fsdp=true (torch.optim.Muon orthogonalises "
                 "whole matrices, FSDP2 gives each process a slice): train with data parallelism "
-                "(trainer.fsdp=false, with trainer.activation_checkpointing=true to save memory) "
+                "(runtime.fsdp=false, with runtime.activation_checkpointing=true to save memory) "
                 "or keep FSDP with optim=adamw"
             )
         if self.optim.schedule == "wsd" and not out and self.decay_start < self.optim.warmup_steps:
@@ -474,7 +541,8 @@ class EvaluateConfig:
     block_size: int | None = None
     """Window length in tokens; null = the block_size the checkpoint was trained with."""
     precision: str = "auto"
-    """bf16, fp32, or auto (bf16 on CUDA)."""
+    """bf16, fp32, or auto (bf16 on a CUDA device that supports it; see
+    pipeline.training.runtime.resolve_precision)."""
     cpu: bool = False
     """Evaluate on the CPU even when a GPU is present."""
     sample_tokens: int = 64
@@ -486,10 +554,50 @@ class EvaluateConfig:
         out = []
         if self.micro_batch_size < 1:
             out.append(f"micro_batch_size={self.micro_batch_size} must be >= 1")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             out.append(f"precision={self.precision!r}: use auto, bf16 or fp32")
         if self.eval_tokens is not None and self.eval_tokens < 2:
             out.append(f"eval_tokens={self.eval_tokens} must be >= 2 or null")
+        return out
+
+
+# --------------------------------------------------------------------------- sample
+
+
+@dataclass
+class SampleConfig:
+    """`python -m pipeline.sample`."""
+
+    checkpoint: str | None = None
+    """A checkpoint folder, or a run folder (its newest complete checkpoint is used)."""
+    pretrained: str | None = None
+    """Instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (OpenAI's weights from
+    the Hugging Face hub or its cache) or a local Hugging Face GPT-2 folder."""
+    prompt: str = "Hello, I'm a language model,"
+    max_new_tokens: int = 64
+    """Tokens generated after the prompt."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 = greedy decoding (deterministic)."""
+    top_k: int | None = 200
+    """Sample among the k most likely tokens; null = all."""
+    top_p: float | None = 0.95
+    """Sample among the most likely tokens holding this much probability; null = all."""
+    seed: int = 1337
+    """Sample i uses a generator seeded with seed + i."""
+    num_samples: int = 1
+    cpu: bool = False
+    """Sample on the CPU even when a GPU is present."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if (self.checkpoint is None) == (self.pretrained is None):
+            out.append("set exactly one of checkpoint=runs/NAME and pretrained=gpt2")
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            out.append("max_new_tokens and num_samples must be >= 1")
+        if self.temperature < 0:
+            out.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            out.append(f"top_p={self.top_p} must be in (0, 1] or null")
         return out
 
 
@@ -499,6 +607,7 @@ def register_configs() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
 
 
 def to_dataclass(cfg: DictConfig) -> Any:

@@ -81,7 +81,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 LossImpl = Literal["chunked", "full", "liger"]
 LOSS_IMPLS: tuple[str, ...] = ("chunked", "full", "liger")
-"""How GPT.forward computes the output layer and the cross-entropy (trainer.loss_impl):
+"""How GPT.forward computes the output layer and the cross-entropy (runtime.loss_impl):
 chunked (default; no (B, T, V) logits held), full (the logits materialised, as nanoGPT does;
 the reference the chunked loss is tested against), liger (Liger-Kernel's fused Triton kernel,
 CUDA only, opt-in)."""
@@ -190,8 +190,8 @@ def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as e:
         raise RuntimeError(
-            "trainer.loss_impl=liger needs liger-kernel (pip install liger-kernel, CUDA only): "
-            "install it or use trainer.loss_impl=chunked"
+            "runtime.loss_impl=liger needs liger-kernel (pip install liger-kernel, CUDA only): "
+            "install it or use runtime.loss_impl=chunked"
         ) from e
     import inspect
 
@@ -273,8 +273,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.embedding_rows, bias=False)
         # Tied embeddings (GPT-2; Press & Wolf 2017): one matrix maps tokens in and logits out.
         self.lm_head.weight = self.transformer.wte.weight
-        self.activation_checkpointing = False  # trainer.activation_checkpointing sets it
-        self.loss_impl: LossImpl = "chunked"  # trainer.loss_impl sets it
+        self.activation_checkpointing = False  # runtime.activation_checkpointing sets it
+        self.loss_impl: LossImpl = "chunked"  # runtime.loss_impl sets it
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

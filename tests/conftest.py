@@ -35,7 +35,7 @@ def sample_shards(tmp_path_factory, fineweb_sample: Path) -> Path:
     """Shards of the first 300 FineWeb sample documents (~200K tokens): a 20K-token
     validation split and train shards of 50K tokens, as the prepare stage writes them."""
     from pipeline.config import PrepareConfig, SourceConfig
-    from pipeline.prepare import prepare
+    from pipeline.data.writer import prepare
 
     cfg = PrepareConfig(
         source=SourceConfig(

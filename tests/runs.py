@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline.checkpoint import list_checkpoints
 from pipeline.config import TrainConfig, conf_dir, register_configs, to_dataclass
+from pipeline.training.checkpoint import list_checkpoints
 
 TIMING = ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "mfu")
 """metrics.jsonl fields that vary from run to run (wall-clock measurements)."""
@@ -40,7 +40,7 @@ def tiny_run(shard_dir: Path, runs_dir: Path, run_name: str, *settings: str) -> 
         "model=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
         "model.block_size=64", f"data.shard_dir={shard_dir}", f"trainer.runs_dir={runs_dir}",
         f"trainer.run_name={run_name}", "trainer.tokens_per_step=512",
-        "trainer.micro_batch_size=4", "trainer.sample_tokens=0", "trainer.cpu=true",
+        "trainer.micro_batch_size=4", "eval.sample_tokens=0", "runtime.cpu=true",
         "optim.max_lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=2", *settings,
     ]  # fmt: skip
 

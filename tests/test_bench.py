@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.bench import (
+from pipeline.model import PRESETS
+from pipeline.tools.bench import (
     NO_GPU,
     Device,
     RunInfo,
@@ -31,8 +32,7 @@ from pipeline.bench import (
     render_section,
     render_train,
 )
-from pipeline.model import PRESETS
-from pipeline.plan import GIB, estimate_memory
+from pipeline.tools.plan import GIB, estimate_memory
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from pathlib import Path
 import matplotlib.image
 import torch
 
-from pipeline.compare import split_qkv_optimizer
 from pipeline.config import OptimConfig
 from pipeline.model import GPT, ModelConfig
+from pipeline.tools.compare import split_qkv_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,8 @@ def test_compare_runs_the_sweeps_and_writes_the_tables(sample_shards, tmp_path):
         "--muon-adamw-lrs", "2e-2", "--seeds", "5", "--skip", "timing",
         f"data.shard_dir={sample_shards}", "model.n_layer=2", "model.n_head=2",
         "model.n_embd=32", "model.block_size=64", "trainer.tokens_per_step=512",
-        "trainer.micro_batch_size=8", "trainer.max_steps=5", "trainer.eval_interval=5",
-        "trainer.eval_tokens=1024", "optim.warmup_steps=1",
+        "trainer.micro_batch_size=8", "trainer.max_steps=5", "eval.interval=5",
+        "eval.tokens=1024", "optim.warmup_steps=1",
     ]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "pipeline.compare", *args], cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,

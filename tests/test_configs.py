@@ -10,15 +10,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from pipeline.config import (
-    ConfigError,
     EvaluateConfig,
     PrepareConfig,
     TrainConfig,
     conf_dir,
-    raise_if,
     register_configs,
     to_dataclass,
 )
+from pipeline.errors import ConfigError, raise_if
 from pipeline.model import PRESETS
 
 CONF = Path(conf_dir())

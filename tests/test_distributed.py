@@ -14,8 +14,8 @@ import pytest
 import torch
 from runs import final_weights, records, tiny_run, train_config
 
-from pipeline.checkpoint import list_checkpoints
-from pipeline.train import train
+from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ def overrides(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
     """A 2-layer model on 64-token windows; 512 tokens per step = 2 micro-batches of 4, which is
     one micro-batch on each of 2 processes or two accumulation steps on 1."""
     return tiny_run(
-        shard_dir, runs_dir, run_name, "trainer.max_steps=4", "trainer.eval_interval=2",
-        "trainer.eval_tokens=2048", "trainer.checkpoint_interval=2", "trainer.seed=11",
+        shard_dir, runs_dir, run_name, "trainer.max_steps=4", "eval.interval=2",
+        "eval.tokens=2048", "checkpoint.interval=2", "trainer.seed=11",
     )  # fmt: skip
 
 
@@ -98,7 +98,7 @@ def sharded(sample_shards, tmp_path_factory) -> Path:
     """The same run on two processes with FSDP full sharding and activation checkpointing."""
     runs = tmp_path_factory.mktemp("fsdp")
     args = overrides(sample_shards, runs, "fsdp")
-    launch_two_processes(args + ["trainer.fsdp=true", "trainer.activation_checkpointing=true"])
+    launch_two_processes(args + ["runtime.fsdp=true", "runtime.activation_checkpointing=true"])
     return runs / "fsdp"
 
 

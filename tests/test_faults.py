@@ -17,10 +17,11 @@ import pytest
 import torch
 from runs import final_weights, records, tiny_run, train_config, weights
 
-import pipeline.checkpoint
-from pipeline.checkpoint import list_checkpoints
-from pipeline.data.shards import HEADER_BYTES, ShardError
-from pipeline.train import PREEMPTED_EXIT_CODE, NumericsError, train
+import pipeline.training.checkpoint
+from pipeline.data.shards import HEADER_BYTES
+from pipeline.errors import NumericsError, ShardError
+from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.loop import PREEMPTED_EXIT_CODE, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 def overrides(shard_dir: Path, runs_dir: Path, run_name: str = "run") -> list[str]:
     """A 2-layer model, 6 steps of 512 tokens (2 accumulation steps), checkpoints every 2."""
     return tiny_run(
-        shard_dir, runs_dir, run_name, "trainer.max_steps=6", "trainer.eval_interval=2",
-        "trainer.eval_tokens=1024", "trainer.checkpoint_interval=2", "trainer.keep_last=10",
+        shard_dir, runs_dir, run_name, "trainer.max_steps=6", "eval.interval=2",
+        "eval.tokens=1024", "checkpoint.interval=2", "checkpoint.keep_last=10",
         "trainer.seed=5",
     )  # fmt: skip
 
@@ -77,7 +78,7 @@ def test_killed_run_resumes_to_the_same_weights(sample_shards, reference, tmp_pa
 
 
 def test_sigterm_checkpoints_and_exits_for_a_restart(sample_shards, reference, tmp_path):
-    args = overrides(sample_shards, tmp_path) + ["trainer.checkpoint_interval=0"]
+    args = overrides(sample_shards, tmp_path) + ["checkpoint.interval=0"]
     metrics = tmp_path / "run" / "metrics.jsonl"
     process = subprocess.Popen(command(args), cwd=REPO, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -124,7 +125,7 @@ def test_truncated_checkpoint_is_reported_and_skipped(sample_shards, reference, 
 
 
 def test_rotation_keeps_the_newest_and_the_best(sample_shards, tmp_path):
-    every_step = ["trainer.keep_last=1", "trainer.checkpoint_interval=1", "trainer.eval_interval=1"]
+    every_step = ["checkpoint.keep_last=1", "checkpoint.interval=1", "eval.interval=1"]
     args = overrides(sample_shards, tmp_path) + every_step
     train(train_config(args))
     kept = list_checkpoints(tmp_path / "run")
@@ -135,7 +136,7 @@ def test_rotation_keeps_the_newest_and_the_best(sample_shards, tmp_path):
 
 def test_non_finite_step_is_skipped_and_the_run_goes_on(sample_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_FAULT", "nan:3")
-    train(train_config(overrides(sample_shards, tmp_path) + ["trainer.checkpoint_interval=1"]))
+    train(train_config(overrides(sample_shards, tmp_path) + ["checkpoint.interval=1"]))
     skipped = records(tmp_path / "run", "skip")
     assert [r["step"] for r in skipped] == [3]
     assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 4, 5, 6]
@@ -149,7 +150,7 @@ def test_repeated_non_finite_steps_stop_with_the_last_good_weights(
 ):
     monkeypatch.setenv("PIPELINE_FAULT", "nan:2-6")
     args = overrides(sample_shards, tmp_path) + ["trainer.max_bad_steps=3",
-                                                 "trainer.checkpoint_interval=1"]  # fmt: skip
+                                                 "checkpoint.interval=1"]  # fmt: skip
     with pytest.raises(NumericsError, match="3 steps in a row"):
         train(train_config(args))
     ckpt = tmp_path / "run" / "checkpoints"
@@ -161,19 +162,19 @@ def test_repeated_non_finite_steps_stop_with_the_last_good_weights(
 def test_disk_full_while_checkpointing_keeps_the_previous_one(
     sample_shards, reference, tmp_path, monkeypatch
 ):
-    real_save = pipeline.checkpoint._save
+    real_save = pipeline.training.checkpoint._save
 
     def full_disk(obj, path):
         if path.name == "optimizer.pt" and "step_0000004" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path)
 
-    monkeypatch.setattr(pipeline.checkpoint, "_save", full_disk)
+    monkeypatch.setattr(pipeline.training.checkpoint, "_save", full_disk)
     with pytest.raises(OSError, match="earlier checkpoints are intact"):
         train(train_config(overrides(sample_shards, tmp_path)))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000002"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
-    monkeypatch.setattr(pipeline.checkpoint, "_save", real_save)
+    monkeypatch.setattr(pipeline.training.checkpoint, "_save", real_save)
     train(train_config(overrides(sample_shards, tmp_path)))
     assert_identical(tmp_path / "run", reference)
 

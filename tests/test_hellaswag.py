@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from test_train import small_config
 
-from pipeline.checkpoint import list_checkpoints
 from pipeline.config import EvaluateConfig
-from pipeline.data.tokenize import get_encoding
-from pipeline.evaluate import evaluate, read_results
-from pipeline.hellaswag import (
-    HellaSwagError,
+from pipeline.data.tokenizer import get_encoding
+from pipeline.errors import HellaSwagError
+from pipeline.evaluation.evaluate import evaluate, read_results
+from pipeline.evaluation.hellaswag import (
     Item,
     candidate_losses,
     encode_item,
@@ -25,7 +24,8 @@ from pipeline.hellaswag import (
     load_items,
 )
 from pipeline.model import GPT, ModelConfig
-from pipeline.train import train
+from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.loop import train
 
 # The first validation item as rowanz/hellaswag's hellaswag_val.jsonl has it (the example row
 # quoted in llm.c dev/data/hellaswag.py).

@@ -4,6 +4,7 @@ back; the real GPT-2 shapes map both ways; the evaluate stage reads an exported 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,12 +14,13 @@ from test_train import small_config
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from pipeline.config import EvaluateConfig
-from pipeline.data.tokenize import get_encoding
-from pipeline.evaluate import evaluate
-from pipeline.hellaswag import evaluate_hellaswag, load_items
-from pipeline.hf import (
+from pipeline.data.tokenizer import get_encoding
+from pipeline.errors import USER_ERROR, HFError, guard
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.hellaswag import evaluate_hellaswag, load_items
+from pipeline.hf import main as hf_main
+from pipeline.interop.hf import (
     BUFFERS,
-    HFError,
     export_hf,
     from_hf_state_dict,
     hf_config,
@@ -27,9 +29,8 @@ from pipeline.hf import (
     push_hf,
     to_hf_state_dict,
 )
-from pipeline.hf import main as hf_main
 from pipeline.model import GPT, PRESETS, ModelConfig
-from pipeline.train import train
+from pipeline.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -146,5 +147,7 @@ def test_command_line_exports_a_run_and_push_refuses_other_folders(sample_shards
     assert torch.equal(trained["transformer.ln_f.weight"], saved["transformer.ln_f.weight"])
     with pytest.raises(HFError, match="no config.json, model.safetensors"):
         push_hf(tmp_path / "run", "someone/gpt2")  # checked before any network access
-    with pytest.raises(SystemExit, match="error: .* no config.json"):
-        hf_main(["push", str(tmp_path / "run"), "someone/gpt2"])
+    with pytest.raises(SystemExit) as info:
+        guard(hf_main)(["push", str(tmp_path / "run"), "someone/gpt2"])
+    assert info.value.code == USER_ERROR
+    assert re.match(r"error: .* no config.json", capsys.readouterr().err)

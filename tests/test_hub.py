@@ -18,11 +18,12 @@ import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
-from pipeline import hub
-from pipeline.checkpoint import full_state, list_checkpoints, read_state, save_checkpoint
-from pipeline.data.shards import HEADER_BYTES, MANIFEST, ShardError, load_manifest
-from pipeline.hub import HubError
+from pipeline.data.shards import HEADER_BYTES, MANIFEST, load_manifest
+from pipeline.errors import USER_ERROR, HubError, ShardError, guard
+from pipeline.hub import main as hub_main
+from pipeline.interop import hub
 from pipeline.model import GPT, ModelConfig
+from pipeline.training.checkpoint import full_state, list_checkpoints, read_state, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "tiny_run"
@@ -269,7 +270,7 @@ def test_pulled_checkpoint_is_installed_where_resume_finds_it(
     runs_dir: Path, tmp_path: Path
 ) -> None:
     """The layout snapshot_download gives (`<staging>/checkpoints/<run>/step_N/`) is moved to
-    `<runs_dir>/<run>/checkpoints/step_N/` only when complete: what trainer.resume=auto uses."""
+    `<runs_dir>/<run>/checkpoints/step_N/` only when complete: what checkpoint.resume=auto uses."""
     source = list_checkpoints(runs_dir / RUN)[-1]
     fresh = tmp_path / "fresh_runs"
     final = hub.local_checkpoint_path(fresh, RUN, 7)
@@ -334,15 +335,21 @@ def test_pull_will_not_overwrite_a_damaged_local_checkpoint(runs_dir: Path, offl
 # --------------------------------------------------------------------------- command line
 
 
-def test_cli_errors_are_one_line_and_exit_1(shard_copy: Path, runs_dir: Path, offline) -> None:
+def test_cli_errors_are_one_line_and_exit_2(
+    shard_copy: Path, runs_dir: Path, offline, capsys
+) -> None:
     (shard_copy / MANIFEST).unlink()
     with pytest.raises(SystemExit) as info:
-        hub.main(["upload-shards", str(shard_copy), "user/shards"])
-    assert str(info.value.code).startswith("error: not uploading")
+        guard(hub_main)(["upload-shards", str(shard_copy), "user/shards"])
+    assert info.value.code == USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: not uploading") and err.count("\n") == 1
 
     shutil.rmtree(runs_dir / RUN / "checkpoints")
-    with pytest.raises(SystemExit, match="error: no complete checkpoint"):
-        hub.main(["push-checkpoint", str(runs_dir / RUN), "user/ckpts"])
+    with pytest.raises(SystemExit) as info:
+        guard(hub_main)(["push-checkpoint", str(runs_dir / RUN), "user/ckpts"])
+    assert info.value.code == USER_ERROR
+    assert capsys.readouterr().err.startswith("error: no complete checkpoint")
 
 
 def test_cli_process_exit_status(tmp_path: Path) -> None:
@@ -353,5 +360,5 @@ def test_cli_process_exit_status(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == USER_ERROR
     assert proc.stderr.startswith("error: not uploading")

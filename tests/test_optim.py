@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import OptimConfig
 from pipeline.model import GPT, ModelConfig
-from pipeline.optim import build_optimizer, lr_at
+from pipeline.training.optim import build_optimizer, lr_at
 
 CFG = OptimConfig(max_lr=6e-4, min_lr=6e-5, warmup_steps=10)
 

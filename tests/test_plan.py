@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from pipeline.model import GPT, PRESETS, ModelConfig
-from pipeline.plan import (
+from pipeline.tools.plan import (
     batch_hint,
     cuda_step_fits,
     estimate_cost,

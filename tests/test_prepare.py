@@ -20,17 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.config import (
-    ConfigError,
-    PrepareConfig,
-    SourceConfig,
-    conf_dir,
-    register_configs,
-    to_dataclass,
-)
+from pipeline.config import PrepareConfig, SourceConfig, conf_dir, register_configs, to_dataclass
 from pipeline.data import shards
-from pipeline.data import tokenize as tok
-from pipeline.prepare import PROGRESS, PrepareError, prepare
+from pipeline.data import sources
+from pipeline.data import tokenizer as tok
+from pipeline.data.writer import PROGRESS, PrepareError, prepare
+from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_DOCS = 400  # documents of the sample used by most tests: ~390k tokens
@@ -222,8 +217,8 @@ def test_damaged_row_group_names_the_file(fineweb_sample: Path, tmp_path: Path):
     """A parquet file whose footer reads but whose second row group is garbage: the run stops
     with the file and row group named, keeping the shards it completed before."""
     path = tmp_path / "damaged.parquet"
-    docs = sample_docs(fineweb_sample, 2 * tok.READ_BATCH)
-    pq.write_table(pa.table({"text": docs}), path, row_group_size=tok.READ_BATCH)
+    docs = sample_docs(fineweb_sample, 2 * sources.READ_BATCH)
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=sources.READ_BATCH)
     second = pq.ParquetFile(path).metadata.row_group(1).column(0)
     start = second.dictionary_page_offset or second.data_page_offset
     with open(path, "r+b") as f:  # overwrite the row group's pages, keep the footer
@@ -233,7 +228,7 @@ def test_damaged_row_group_names_the_file(fineweb_sample: Path, tmp_path: Path):
     with pytest.raises(PrepareError, match=r"damaged.parquet: row group 1 cannot be read"):
         prepare(cfg)
     progress = json.loads((tmp_path / "out" / "sample" / PROGRESS).read_text())
-    assert progress["shards"] and progress["documents"] <= tok.READ_BATCH  # work is recorded
+    assert progress["shards"] and progress["documents"] <= sources.READ_BATCH  # work is recorded
 
 
 @pytest.mark.parametrize(
@@ -354,14 +349,14 @@ def test_full_disk_keeps_completed_shards(fineweb_sample: Path, tmp_path: Path, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return write_shard(path, tokens)
 
-    monkeypatch.setattr("pipeline.prepare.write_shard", failing)
+    monkeypatch.setattr("pipeline.data.writer.write_shard", failing)
     with pytest.raises(PrepareError, match="disk is full") as info:
         prepare(cfg)
     assert "3 shards" in str(info.value) and "run the same command again" in str(info.value)
     folder = tmp_path / "full" / "sample"
     recorded = json.loads((folder / PROGRESS).read_text())
     assert len(recorded["shards"]) == 3 and recorded["doc_tokens_written"] > 0
-    monkeypatch.setattr("pipeline.prepare.write_shard", write_shard)
+    monkeypatch.setattr("pipeline.data.writer.write_shard", write_shard)
 
     damaged = folder / recorded["shards"][1]["file"]
     content = damaged.read_bytes()

@@ -15,11 +15,11 @@ import pytest
 import torch
 from runs import final_weights, records, tiny_run, train_config, weights
 
-from pipeline.checkpoint import list_checkpoints
-from pipeline.config import ConfigError
-from pipeline.hf import export_hf, load_hf_dir
+from pipeline.errors import ConfigError
+from pipeline.interop.hf import export_hf, load_hf_dir
 from pipeline.model import GPT
-from pipeline.train import train
+from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 MUON = ["optim=muon", "optim.muon_lr=0.02", "optim.max_lr=1e-2", "optim.min_lr=1e-3"]
@@ -28,8 +28,8 @@ MUON = ["optim=muon", "optim.muon_lr=0.02", "optim.max_lr=1e-2", "optim.min_lr=1
 def muon_run(shard_dir: Path, runs_dir: Path, run_name: str = "run", *more: str) -> list[str]:
     """The tiny test run with Muon: 6 steps of 2 micro-batches, checkpoints every 2."""
     return tiny_run(
-        shard_dir, runs_dir, run_name, *MUON, "trainer.max_steps=6", "trainer.eval_interval=2",
-        "trainer.eval_tokens=1024", "trainer.checkpoint_interval=2", "trainer.keep_last=10",
+        shard_dir, runs_dir, run_name, *MUON, "trainer.max_steps=6", "eval.interval=2",
+        "eval.tokens=1024", "checkpoint.interval=2", "checkpoint.keep_last=10",
         "trainer.seed=3", *more,
     )  # fmt: skip
 
@@ -38,8 +38,8 @@ def wsd_run(shard_dir: Path, runs_dir: Path, max_steps: int, *more: str) -> list
     """A WSD run of max_steps steps: 2 warm-up steps, the last 20% decaying."""
     return tiny_run(
         shard_dir, runs_dir, "wsd", *MUON, "optim.schedule=wsd", "optim.decay_fraction=0.2",
-        f"trainer.max_steps={max_steps}", "trainer.eval_interval=4", "trainer.eval_tokens=1024",
-        "trainer.checkpoint_interval=0", "trainer.keep_last=1", "trainer.seed=9", *more,
+        f"trainer.max_steps={max_steps}", "eval.interval=4", "eval.tokens=1024",
+        "checkpoint.interval=0", "checkpoint.keep_last=1", "trainer.seed=9", *more,
     )  # fmt: skip
 
 
@@ -105,7 +105,7 @@ def test_muon_on_two_processes_follows_one_and_resumes_on_one(sample_shards, muo
 
 def test_non_finite_muon_step_is_skipped(sample_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_FAULT", "nan:3")
-    train(train_config(muon_run(sample_shards, tmp_path, "run", "trainer.checkpoint_interval=1")))
+    train(train_config(muon_run(sample_shards, tmp_path, "run", "checkpoint.interval=1")))
     assert [r["step"] for r in records(tmp_path / "run", "skip")] == [3]
     ckpt = tmp_path / "run" / "checkpoints"
     before, after = weights(ckpt / "step_0000002"), weights(ckpt / "step_0000003")
@@ -130,8 +130,8 @@ def test_a_muon_checkpoint_exports_as_gpt2(muon_reference, tmp_path):
 
 
 def test_muon_refuses_fsdp_and_an_adamw_checkpoint(sample_shards, muon_reference, tmp_path):
-    with pytest.raises(ConfigError, match="trainer.fsdp=false"):
-        train(train_config(muon_run(sample_shards, tmp_path, "run", "trainer.fsdp=true")))
+    with pytest.raises(ConfigError, match="runtime.fsdp=false"):
+        train(train_config(muon_run(sample_shards, tmp_path, "run", "runtime.fsdp=true")))
     assert not (tmp_path / "run").exists()
     shutil.copytree(muon_reference, tmp_path / "run")
     adamw = [a for a in muon_run(sample_shards, tmp_path) if a != "optim=muon"]
@@ -180,12 +180,12 @@ def test_wsd_extension_from_a_decay_checkpoint_is_refused(sample_shards, wsd_lon
     args = wsd_run(sample_shards, tmp_path, 30)
     decayed = wsd_long / "checkpoints" / "step_0000015"
     with pytest.raises(ConfigError, match="step 15 is past the stable phase"):
-        train(train_config([*args, f"trainer.resume={decayed}"]))
+        train(train_config([*args, f"checkpoint.resume={decayed}"]))
 
 
 def test_a_longer_cosine_run_is_refused_with_the_reason(sample_shards, tmp_path):
     args = tiny_run(sample_shards, tmp_path, "cos", "trainer.max_steps=3",
-                    "trainer.eval_tokens=0", "trainer.checkpoint_interval=0")  # fmt: skip
+                    "eval.tokens=0", "checkpoint.interval=0")  # fmt: skip
     train(train_config(args))
     with pytest.raises(ConfigError, match="cosine schedule") as e:
         train(train_config([*args, "trainer.max_steps=6"]))
@@ -206,8 +206,8 @@ def test_a_longer_cosine_run_is_refused_with_the_reason(sample_shards, tmp_path)
         ("optim.muon_adjust_lr=spectral", "muon_adjust_lr='spectral' is unknown"),
         ("optim.muon_ns_steps=0", r"muon_ns_steps=0 must be in \[1, 100\)"),
         ("optim.name=sgd", "optim=adamw or optim=muon"),
-        ("trainer.loss_impl=fused", "trainer.loss_impl='fused': use one of"),
-        ("trainer.loss_impl=liger", "needs a CUDA device and liger-kernel"),
+        ("runtime.loss_impl=fused", "runtime.loss_impl='fused': use one of"),
+        ("runtime.loss_impl=liger", "needs a CUDA device and liger-kernel"),
     ],
 )
 def test_impossible_schedules_and_optimizers_fail_before_any_step(sample_shards, tmp_path,

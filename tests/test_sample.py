@@ -10,9 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from test_train import small_config
 
-from pipeline.config import ConfigError, conf_dir, to_dataclass
-from pipeline.sample import SampleConfig, sample
-from pipeline.train import train
+from pipeline.config import SampleConfig, conf_dir, to_dataclass
+from pipeline.errors import ConfigError
+from pipeline.evaluation.sample import sample
+from pipeline.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The meaning of life is, in short,"  # a comma: Hydra needs the value quoted

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from runs import records, wandb_run_record
 
-from pipeline.plot import expand_runs, read_curves
+from pipeline.tools.plot import expand_runs, read_curves
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,8 @@ def small(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
         "experiment=demo", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
         "model.block_size=64", f"data.shard_dir={shard_dir}", f"trainer.runs_dir={runs_dir}",
         f"trainer.run_name={run_name}", "trainer.tokens_per_step=512",
-        "trainer.micro_batch_size=8", "trainer.max_steps=3", "trainer.eval_interval=3",
-        "trainer.eval_tokens=1024", "trainer.checkpoint_interval=3", "trainer.sample_tokens=4",
+        "trainer.micro_batch_size=8", "trainer.max_steps=3", "eval.interval=3",
+        "eval.tokens=1024", "checkpoint.interval=3", "eval.sample_tokens=4",
         "optim.warmup_steps=1",
     ]  # fmt: skip
 

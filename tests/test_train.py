@@ -15,28 +15,29 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from runs import final_weights, records
 
-from pipeline.checkpoint import CheckpointError, list_checkpoints
 from pipeline.config import (
-    ConfigError,
+    RENAMED,
     DataConfig,
     EvaluateConfig,
     LoggerConfig,
     OptimConfig,
     TrainConfig,
-    TrainerConfig,
 )
 from pipeline.data.loader import TrainLoader, ValidationWindows
-from pipeline.data.shards import ShardError, open_split
-from pipeline.evaluate import evaluate
+from pipeline.data.shards import open_split
+from pipeline.errors import CheckpointError, ConfigError, ShardError
+from pipeline.evaluation.evaluate import evaluate
 from pipeline.model import GPT, ModelConfig
-from pipeline.train import accumulate_gradients, train
+from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.loop import accumulate_gradients, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small_config(shard_dir: Path, runs_dir: Path, **trainer) -> TrainConfig:
+def small_config(shard_dir: Path, runs_dir: Path, **settings) -> TrainConfig:
     """A 2-layer GPT-2 on 64-token windows: 512 tokens per step in micro-batches of 4 (two
-    accumulation steps)."""
+    accumulation steps). `settings` are trainer fields or moved ones by their old flat names
+    (eval_interval, checkpoint_interval, keep_last, ...; see pipeline.config.RENAMED)."""
     defaults = dict(
         run_name="run",
         runs_dir=str(runs_dir),
@@ -49,12 +50,15 @@ def small_config(shard_dir: Path, runs_dir: Path, **trainer) -> TrainConfig:
         sample_tokens=0,
         seed=7,
     )
-    return TrainConfig(
+    cfg = TrainConfig(
         model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),
         data=DataConfig(shard_dir=str(shard_dir)),
         optim=OptimConfig(max_lr=1e-2, min_lr=1e-3, warmup_steps=2),
-        trainer=TrainerConfig(**{**defaults, **trainer}),
     )
+    for key, value in {**defaults, **settings}.items():
+        group, name = RENAMED.get(f"trainer.{key}", f"trainer.{key}").split(".")
+        setattr(getattr(cfg, group), name, value)
+    return cfg
 
 
 def test_training_lowers_validation_loss_and_writes_the_run(sample_shards, tmp_path):
@@ -264,8 +268,8 @@ def test_command_line_train_then_evaluate(sample_shards, tmp_path):
             "trainer.max_steps=2",
             "optim.warmup_steps=1",
             "trainer.tokens_per_step=4096",
-            "trainer.eval_tokens=4096",
-            "trainer.sample_tokens=4",
+            "eval.tokens=4096",
+            "eval.sample_tokens=4",
         ],
         cwd=REPO,
         check=True,

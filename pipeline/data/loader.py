@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.data.shards import ShardError, Split
+from pipeline.data.shards import Split
+from pipeline.errors import ConfigError, ShardError
 
 
 class TrainLoader:

@@ -14,9 +14,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from pipeline.errors import ShardError
+from pipeline.files import sha256_file, write_bytes_atomic
 
 MAGIC = 20240520
 VERSION = 1
@@ -29,10 +31,6 @@ SPLITS = ("val", "train")
 TOKENIZER = "gpt2"  # tiktoken encoding of every shard (manifest "tokenizer")
 
 
-class ShardError(RuntimeError):
-    """A shard folder that cannot be used: the message names the file and what to do."""
-
-
 def shard_name(prefix: str, split: str, index: int) -> str:
     """File name of shard `index` (numbered across both splits, validation first)."""
     return f"{prefix}_{split}_{index:06d}.bin"
@@ -43,18 +41,6 @@ def header(num_tokens: int) -> bytes:
     h = np.zeros(HEADER_INTS, dtype="<i4")
     h[0], h[1], h[2] = MAGIC, VERSION, num_tokens
     return h.tobytes()
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
@@ -104,37 +90,6 @@ def open_shard(path: str | os.PathLike) -> np.memmap:
     """Memory-map a shard's tokens read-only: (num_tokens,) uint16. Raises ShardError."""
     n = read_num_tokens(path)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """sha256 hex digest of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write data to `<path>.tmp`, fsync, rename to path: path is whole or absent. On any
-    error (e.g. a full disk) the temporary file is removed and the error raised."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write obj as indented JSON at path atomically (see write_bytes_atomic)."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def load_manifest(shard_dir: str | os.PathLike) -> dict:

@@ -1,4 +1,4 @@
-"""torch.profiler over a window of training steps: `trainer.profile_steps=N`.
+"""torch.profiler over a window of training steps: `profile.steps=N`.
 
 Writes `<run_dir>/profile/trace.json` (Chrome trace format: open it in https://ui.perfetto.dev
 or chrome://tracing) and `<run_dir>/profile/ops.txt` (the ops that took the most time, self

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.tokenize import EOT, get_encoding
+from pipeline.data.tokenizer import EOT, get_encoding
+from pipeline.errors import HellaSwagError
 from pipeline.model import ModelConfig
 
 UPSTREAM_VAL_URL = (
@@ -47,10 +48,6 @@ UPSTREAM_VAL_URL = (
 )
 """The validation split as llm.c and build-nanogpt download it (10,042 items, about 11 MB)."""
 NUM_ENDINGS = 4
-
-
-class HellaSwagError(ValueError):
-    """A HellaSwag file that cannot be read; the message names the file, the line and the fix."""
 
 
 @dataclass(frozen=True)

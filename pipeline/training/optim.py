@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.config import ConfigError, OptimConfig, TrainConfig
+from pipeline.config import OptimConfig, TrainConfig
+from pipeline.errors import ConfigError
 
 # --------------------------------------------------------------------------- schedules
 

@@ -36,15 +36,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.data.shards import fsync_dir, sha256_file
-from pipeline.faults import inject
+from pipeline.errors import CheckpointError
+from pipeline.files import fsync_dir, sha256_file
+from pipeline.model import GPT, ModelConfig
+from pipeline.training.faults import inject
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 STATE = "state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names it and what to do."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -146,7 +144,7 @@ def save_checkpoint(
         raise OSError(
             e.errno,
             f"writing checkpoint {final} failed ({e.strerror or e}); earlier checkpoints are "
-            "intact. Free disk space and resume with trainer.resume=auto",
+            "intact. Free disk space and resume with checkpoint.resume=auto",
         ) from e
     rotate(run_dir, keep_last)
     return final
@@ -299,3 +297,15 @@ def load_checkpoint(
     if rng is not None:
         set_rng_state(rng)
     return state
+
+
+def load_model(path: str | os.PathLike) -> tuple[GPT, Path, dict]:
+    """The model of a checkpoint folder or a run folder (its newest complete checkpoint), in
+    eval mode on the CPU, built from the model config the checkpoint records: (model, the
+    checkpoint folder, its state.json). The one checkpoint -> model path of the project
+    (evaluation, sampling, exports). Raises CheckpointError."""
+    ckpt = resolve_checkpoint(path)
+    state = read_state(ckpt)
+    model = GPT(ModelConfig(**state["config"]["model"]))
+    load_checkpoint(ckpt, model, restore_rng=False)
+    return model.eval(), ckpt, state

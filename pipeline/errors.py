@@ -1,0 +1,118 @@
+"""One error model for every stage and tool.
+
+Every problem a user can fix (a config, the data, a checkpoint, the hub, an evaluation input)
+is a `PipelineError` subclass carrying its exit code; `guard` wraps every entry point, prints
+such an error as one line `error: <what is wrong and what to do>` and exits with its code.
+Anything else is a bug: a traceback and exit code 1.
+
+Exit codes (`launch/auto_resume.sh` restarts on 75 and on crashes, stops on 0, 2 and 3):
+
+    0    done
+    1    a bug (traceback)
+    2    a problem the user must fix: restarting will not help      (USER_ERROR)
+    3    training diverged: restarting will not help                 (DIVERGED)
+    75   preempted after a checkpoint: restart to continue (EX_TEMPFAIL of sysexits.h)
+    130  interrupted (Ctrl-C, 128 + SIGINT)
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+USER_ERROR = 2
+DIVERGED = 3
+PREEMPTED = 75
+INTERRUPTED = 130
+
+INTERRUPTED_MESSAGE = "interrupted: run the same command to continue"
+
+T = TypeVar("T")
+
+
+class PipelineError(Exception):
+    """A problem the user must fix; the message says what is wrong and what to do."""
+
+    exit_code = USER_ERROR
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration that cannot run: each problem and what to change."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+class DataError(PipelineError, RuntimeError):
+    """Input data that cannot be used (a source, a shard folder, a benchmark file)."""
+
+
+class ShardError(DataError):
+    """A shard folder that cannot be used: the message names the file and what to do."""
+
+
+class PrepareError(DataError):
+    """The prepare stage cannot go on; the message names the thing and what to do."""
+
+
+class CheckpointError(PipelineError, RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt, or cannot continue this run."""
+
+
+class HubError(PipelineError, RuntimeError):
+    """A hub transfer that cannot go ahead or did not complete; the message says what to do."""
+
+
+class HFError(PipelineError, RuntimeError):
+    """Hugging Face GPT-2 weights or files that cannot be read, converted or written."""
+
+
+class HellaSwagError(DataError, ValueError):
+    """A HellaSwag file that cannot be found, downloaded or parsed."""
+
+
+class NumericsError(PipelineError, RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm."""
+
+    exit_code = DIVERGED
+
+
+def raise_if(problems: list[str]) -> None:
+    """Raise one ConfigError naming every problem, or return when there is none."""
+    if problems:
+        raise ConfigError(problems)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a ConfigError's problems joined by '; ')."""
+    if isinstance(error, ConfigError):
+        text = "invalid configuration: " + "; ".join(error.problems)
+    else:
+        text = str(error)
+    return " ".join(text.split())
+
+
+def fail(error: PipelineError) -> None:
+    """Print `error: <message>` on one line to stderr and exit with the error's code."""
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    sys.exit(error.exit_code)
+
+
+def guard(main: Callable[..., T]) -> Callable[..., T]:
+    """Wrap an entry point: a PipelineError becomes `error: ...` and its exit code, Ctrl-C
+    one line and exit code 130, anything else propagates (a bug: traceback, exit code 1)."""
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs) -> T:
+        try:
+            return main(*args, **kwargs)
+        except PipelineError as e:
+            fail(e)
+        except KeyboardInterrupt:
+            print(INTERRUPTED_MESSAGE, file=sys.stderr)
+            sys.exit(INTERRUPTED)
+
+    return guarded

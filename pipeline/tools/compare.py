@@ -1,0 +1,434 @@
+"""`python -m pipeline.compare` (`make compare`): tune AdamW and Muon at tiny scale with Hydra
+sweeps of pipeline.train, then compare the best of each at an equal token budget.
+
+Every job is `experiment=compare_tiny` (the tiny GPT-2 on the FineWeb sample, 120 steps x
+4,096 tokens, WSD schedule) and the score of a setting is its final validation loss, the mean
+of its seeds (conf/sweep/*.yaml: 2 seeds). Stages, each one sweep (`python -m pipeline.train
+-m`), each using the best setting of the one before:
+
+  adamw       optim=adamw, sweep=adamw_lr: AdamW's max_lr
+  muon_lr     optim=muon at that max_lr, sweep=muon_lr: Muon's muon_lr
+  muon_adamw  optim=muon at the best muon_lr, sweep=adamw_lr: the AdamW rate beside Muon (the
+              embeddings, biases and LayerNorms), by default at 0.5x, 2x, 4x and 8x AdamW's best
+              rate (--muon-adamw-lrs), the table adding muon_lr's best job at 1x
+  qkv         muon_lr's best setting with the fused q, k, v matrix c_attn (3C, C)
+              orthogonalised as three (C, C) blocks instead of one matrix (modded-nanogpt's
+              way), same seeds; it does not wait for muon_adamw
+  timing      step time of the best AdamW and the best Muon setting, fresh processes in
+              alternating order, no validation
+
+A job already complete is not trained again (checkpoint.resume=auto), so a second run only redoes
+the tables. Writes `<runs>/compare/compare.md`, the plot of validation loss against tokens of
+the best setting of each optimizer (--png), and a section of BENCHMARKS.md (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import torch
+import yaml
+
+from pipeline.config import TrainConfig
+from pipeline.tools.bench import REPO, describe_device, load_average, merge_benchmarks, versions
+from pipeline.tools.plot import Curves, plot_runs, read_curves
+from pipeline.training.optim import Optimizers, build_optimizer
+
+SEEDS_KEY = "trainer.seed"
+
+
+@dataclass
+class Job:
+    """One finished training run of a sweep."""
+
+    path: Path
+    optim: str
+    max_lr: float
+    muon_lr: float | None
+    seed: int
+    val_loss: float
+    """Validation loss (nats/token) after the last step."""
+    curves: Curves
+
+    @property
+    def setting(self) -> tuple:
+        return (self.optim, self.max_lr, self.muon_lr)
+
+
+@dataclass
+class Setting:
+    """The jobs of one setting (optimizer and rates) over its seeds."""
+
+    jobs: list[Job]
+
+    @property
+    def key(self) -> tuple:
+        return self.jobs[0].setting
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(j.val_loss for j in self.jobs)
+
+    def label(self) -> str:
+        j = self.jobs[0]
+        muon = f", muon_lr {j.muon_lr:g}" if j.optim == "muon" else ""
+        return f"{j.optim} (max_lr {j.max_lr:g}{muon})"
+
+    def overrides(self) -> list[str]:
+        j = self.jobs[0]
+        out = [f"optim={j.optim}", f"optim.max_lr={j.max_lr}"]
+        return out + ([f"optim.muon_lr={j.muon_lr}"] if j.optim == "muon" else [])
+
+
+@dataclass
+class Results:
+    stages: dict[str, list[Setting]] = field(default_factory=dict)
+    qkv_split: Setting | None = None
+    step_times: dict[str, list[float]] = field(default_factory=dict)
+    bf16_slowdown: float | None = None
+    """bf16 / fp32 matmul time on this CPU (None on CUDA)."""
+
+
+# --------------------------------------------------------------------------- running jobs
+
+
+def train_command(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", "experiment=compare_tiny", *overrides]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run cmd from the repository, its output appended to log. Raises RuntimeError with the
+    log's end when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); {log}:\n{tail}")
+
+
+def read_job(run_dir: Path) -> Job:
+    """A sweep job from its composed config (.hydra/config.yaml) and metrics.jsonl. Raises
+    RuntimeError when it has not finished (no validation loss at its last step)."""
+    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    optim, trainer = cfg["optim"], cfg["trainer"]
+    curves = read_curves(run_dir)
+    end = trainer["max_steps"] * trainer["tokens_per_step"]
+    if not curves.val or curves.val[-1][0] != end:
+        raise RuntimeError(f"{run_dir} did not finish: no validation loss at {end:,} tokens")
+    muon = optim["name"] == "muon"
+    return Job(run_dir, optim["name"], optim["max_lr"], optim["muon_lr"] if muon else None,
+               trainer["seed"], curves.val[-1][1], curves)  # fmt: skip
+
+
+def group(jobs: list[Job]) -> list[Setting]:
+    """Jobs grouped by setting, in the order first seen."""
+    settings: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        settings.setdefault(job.setting, []).append(job)
+    return [Setting(js) for js in settings.values()]
+
+
+def sweep(runs_dir: Path, stage: str, overrides: list[str]) -> list[Setting]:
+    """Run (or find finished) the sweep of one stage; its jobs are `<runs>/compare/<stage>/N`."""
+    name = f"compare/{stage}"
+    cmd = train_command([*overrides, f"trainer.runs_dir={runs_dir}", f"trainer.run_name={name}"])
+    run(cmd, runs_dir / "compare" / "logs" / f"{stage}.log")
+    jobs = sorted((runs_dir / name).glob("[0-9]*"), key=lambda p: int(p.name))
+    return group([read_job(p) for p in jobs])
+
+
+def best(settings: list[Setting]) -> Setting:
+    return min(settings, key=lambda s: s.mean)
+
+
+# --------------------------------------------------------------------------- q, k, v as blocks
+
+
+class SplitQKV(Optimizers):
+    """Muon on the three (C, C) blocks of each c_attn weight (3C, C) instead of the whole matrix:
+    Muon holds row views of the weight (updating them updates it), and each step hands them the
+    matching rows of the weight's (clipped) gradient. For this measurement only: the views are
+    not model parameters, so the optimizer state cannot be checkpointed."""
+
+    def __init__(self, optimizers: list, pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]):
+        super().__init__(optimizers)
+        self.pairs = pairs
+
+    def step(self) -> None:
+        for whole, parts in self.pairs:
+            grads = whole.grad.split(parts[0].size(0)) if whole.grad is not None else None
+            for i, part in enumerate(parts):
+                part.grad = None if grads is None else grads[i]
+        super().step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for whole, _ in self.pairs:
+            whole.grad = None
+
+
+def split_qkv_optimizer(model: torch.nn.Module, cfg, device_type: str) -> SplitQKV:
+    """build_optimizer's Muon + AdamW with every c_attn weight replaced by its q, k, v blocks."""
+    fused = build_optimizer(model, cfg, device_type)
+    muon, adamw = fused.optimizers
+    c_attn = {id(p) for n, p in model.named_parameters() if n.endswith("attn.c_attn.weight")}
+    params, pairs = [], []
+    for p in muon.param_groups[0]["params"]:
+        if id(p) in c_attn:
+            parts = list(p.detach().split(p.size(1)))  # 3 x (C, C) views of the weight
+            pairs.append((p, parts))
+            params += parts
+        else:
+            params.append(p)
+    split = torch.optim.Muon(params, **{k: v for k, v in muon.defaults.items()})
+    split.param_groups[0]["peak_lr"] = split.param_groups[0]["lr"]
+    return SplitQKV([split, adamw], pairs)
+
+
+def train_split_qkv(run_dir: Path, overrides: list[str]) -> Path:
+    """Train the compare_tiny experiment with overrides into run_dir, q, k, v orthogonalised
+    as blocks (no checkpoints); skipped when run_dir already holds a finished run."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import conf_dir, register_configs, to_dataclass
+    from pipeline.training import loop as stage
+
+    where = [f"trainer.runs_dir={run_dir.parent}", f"trainer.run_name={run_dir.name}"]
+    try:
+        read_job(run_dir)
+        return run_dir
+    except (RuntimeError, OSError):
+        pass
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        composed = compose("train", overrides=["experiment=compare_tiny", *overrides, *where])
+    cfg: TrainConfig = to_dataclass(composed)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"optim": vars(cfg.optim), "trainer": vars(cfg.trainer)}))  # fmt: skip
+    with (
+        mock.patch.object(stage, "build_optimizer", split_qkv_optimizer),
+        mock.patch.object(stage.Run, "save", lambda self: None),
+    ):
+        stage.train(cfg)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- step time
+
+
+def step_times(
+    setting: Setting, work: Path, steps: int, warmup: int, extra: list[str]
+) -> list[float]:
+    """step_time_s of `steps` steps after `warmup` left out, in a fresh training process
+    without validation, samples or intermediate checkpoints."""
+    name = f"time_{setting.jobs[0].optim}_{len(list(work.glob('time_*')))}"
+    run(train_command([*setting.overrides(), *extra, f"trainer.runs_dir={work}",
+                       f"trainer.run_name={name}", f"trainer.max_steps={warmup + steps}",
+                       "eval.tokens=0", "trainer.log_interval=1",
+                       "optim.warmup_steps=1", "checkpoint.resume=never"]),
+        work / f"{name}.log")  # fmt: skip
+    rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time_s"] for r in rows if r["kind"] == "train"][warmup:]
+
+
+def bf16_matmul_slowdown(rows: int = 384, cols: int = 128, repeats: int = 50) -> float:
+    """How many times longer a bfloat16 Gram matrix X @ X.T of a (cols, rows) matrix takes than
+    a float32 one on the CPU: the core of torch.optim.Muon's Newton-Schulz iteration, which runs
+    in bfloat16 (default shape: the tiny model's c_attn, transposed as Muon does)."""
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(cols, rows, dtype=dtype)
+        x @ x.T
+        start = time.perf_counter()
+        for _ in range(repeats):
+            x @ x.T
+        times[dtype] = time.perf_counter() - start
+    return times[torch.bfloat16] / times[torch.float32]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _row(s: Setting, seeds: list[int], chosen: Setting) -> list[str]:
+    j = s.jobs[0]
+    by_seed = {job.seed: f"{job.val_loss:.4f}" for job in s.jobs}
+    mean = f"{s.mean:.4f}"
+    return [j.optim, f"{j.max_lr:g}", f"{j.muon_lr:g}" if j.muon_lr else "—",
+            *(by_seed.get(seed, "—") for seed in seeds),
+            f"**{mean}**" if s is chosen else mean]  # fmt: skip
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def stage_table(settings: list[Setting]) -> str:
+    seeds = sorted({j.seed for s in settings for j in s.jobs})
+    chosen = best(settings)
+    header = ["optim", "max_lr", "muon_lr", *(f"seed {s}" for s in seeds), "mean"]
+    return table(header, [_row(s, seeds, chosen) for s in settings])
+
+
+def render(results: Results, png: Path | None, budget: str) -> str:
+    """The comparison as Markdown: each stage's table, the best of each optimizer, the q, k, v
+    measurement and the step times."""
+    st = results.stages
+    adamw, muon = best(st["adamw"]), best(st["muon_lr"] + st.get("muon_adamw", []))
+    gap = adamw.mean - muon.mean
+    parts = [
+        f"Each job: `experiment=compare_tiny` ({budget}); the score is the validation loss "
+        "(nats/token) after the last step, mean of the seeds; bold: the stage's best.",
+        "",
+        f"| recipe | mean val loss | seeds |\n| --- | --- | --- |\n"
+        f"| best AdamW: {adamw.label()} | {adamw.mean:.4f} | {len(adamw.jobs)} |\n"
+        f"| best Muon: {muon.label()} | {muon.mean:.4f} | {len(muon.jobs)} |",
+        "",
+        f"Muon is **{gap:.3f} nats** below AdamW at equal tokens (target: at least 0.25).",
+    ]
+    if results.step_times:
+        t = {k: statistics.median(v) for k, v in results.step_times.items()}
+        over = 100 * (t["muon"] / t["adamw"] - 1)
+        n = len(results.step_times["adamw"])
+        parts += ["", f"Step time (median of {n} steps each, fresh processes in alternating "
+                  f"order, no validation): AdamW {t['adamw']:.3f} s, Muon {t['muon']:.3f} s, "
+                  f"**{over:+.1f}%** (target: at most +10%)."]  # fmt: skip
+        if results.bf16_slowdown is not None:
+            parts[-1] += (
+                " torch.optim.Muon runs its Newton–Schulz iteration in bfloat16; on this CPU a "
+                f"bfloat16 matmul of the tiny model's q, k, v shape takes "
+                f"{results.bf16_slowdown:.1f}x as long as a float32 one (no bf16 matrix "
+                "units), which is most of Muon's extra time here. On GPUs with bf16 tensor "
+                "cores modded-nanogpt measures < 2% wall-clock overhead."
+            )
+    for stage, title in (("adamw", "AdamW's max_lr"), ("muon_lr", "Muon's muon_lr"),
+                         ("muon_adamw", "the AdamW rate beside Muon")):  # fmt: skip
+        if stage in st:
+            parts += ["", f"#### stage {stage}: {title}", "", stage_table(st[stage])]
+    if results.qkv_split is not None:
+        s, fused = results.qkv_split, best(st["muon_lr"])
+        parts += ["", "#### q, k, v: one (3C, C) matrix or three (C, C) blocks", "",
+                  f"At stage muon_lr's best setting, {fused.label()}.", "",
+                  table(["c_attn orthogonalised as", "val loss per seed", "mean"], [
+                      ["one matrix (fused)", ", ".join(f"{j.val_loss:.4f}" for j in fused.jobs),
+                       f"{fused.mean:.4f}"],
+                      ["three blocks (split)", ", ".join(f"{j.val_loss:.4f}" for j in s.jobs),
+                       f"{s.mean:.4f}"]])]  # fmt: skip
+    if png is not None:
+        parts += ["", f"![validation loss against tokens]({png.name})"]
+    return "\n".join(parts)
+
+
+def section(body: str, command: str, seconds: float, load: tuple) -> tuple[str, str]:
+    device = describe_device()
+    key = f"compare/{device.key}"
+    facts = "\n".join([
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M %Z}",
+        f"- device: {device.title}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in versions().items())}",
+        f"- command: `{command}` ({seconds:,.0f} s)",
+        f"- load average before: {' '.join(f'{x:.2f}' for x in load)}",
+    ])  # fmt: skip
+    text = f"## Optimizers at tiny scale: AdamW and Muon ({device.title})\n\n{facts}\n\n{body}"
+    return key, f"<!-- bench:device {key} -->\n{text}\n<!-- bench:end -->\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.compare",
+                                description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("--runs-dir", default="runs", help="where the sweeps' runs go (runs)")
+    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to update ('' = none)")
+    p.add_argument("--png", default="BENCHMARKS-optimizers.png", help="plot to write")
+    p.add_argument("--timing-rounds", type=int, default=2, help="fresh processes per optimizer")
+    p.add_argument("--timing-steps", type=int, default=8, help="steps timed per process")
+    p.add_argument("--skip", default="", help="comma-separated stages to leave out: qkv,timing")
+    p.add_argument("--adamw-lrs", help="AdamW max_lr values, e.g. 3e-3,6e-3 (sweep adamw_lr's)")
+    p.add_argument("--muon-lrs", help="Muon muon_lr values, e.g. 0.02,0.04 (sweep muon_lr's)")
+    p.add_argument(
+        "--muon-adamw-lrs",
+        help="AdamW rates beside Muon for stage muon_adamw (default: 0.5x, 2x, 4x and 8x "
+        "the best AdamW max_lr; muon_lr's best adds 1x)",
+    )
+    p.add_argument("--seeds", help="seeds, e.g. 1337,1338 (the sweeps')")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides added to every job")
+    return p
+
+
+def compare(args: argparse.Namespace) -> tuple[Results, str]:
+    """Run every stage; returns the results and their Markdown."""
+    runs, extra = Path(args.runs_dir).resolve(), list(args.overrides)
+    skip = set(args.skip.split(","))
+    seeds = [f"{SEEDS_KEY}={args.seeds}"] if args.seeds else []
+    adamw_grid = ["sweep=adamw_lr", *([f"optim.max_lr={args.adamw_lrs}"] if args.adamw_lrs else [])]
+    muon_grid = ["sweep=muon_lr", *([f"optim.muon_lr={args.muon_lrs}"] if args.muon_lrs else [])]
+    results = Results()
+    st = results.stages
+    st["adamw"] = sweep(runs, "adamw", ["optim=adamw", *adamw_grid, *seeds, *extra])
+    lr = best(st["adamw"]).jobs[0].max_lr
+    st["muon_lr"] = sweep(runs, "muon_lr", ["optim=muon", f"optim.max_lr={lr}", *muon_grid,
+                                            *seeds, *extra])  # fmt: skip
+    muon_1 = best(st["muon_lr"])
+    if "qkv" not in skip:
+        split = [train_split_qkv(runs / "compare" / "qkv" / str(j.seed),
+                                 [*muon_1.overrides(), *extra, f"trainer.seed={j.seed}"])
+                 for j in muon_1.jobs]  # fmt: skip
+        results.qkv_split = Setting([read_job(p) for p in split])
+    beside = args.muon_adamw_lrs or ",".join(f"{k * lr:g}" for k in (0.5, 2, 4, 8))
+    st["muon_adamw"] = [muon_1] + sweep(runs, "muon_adamw", [
+        "optim=muon", f"optim.muon_lr={muon_1.jobs[0].muon_lr}", "sweep=adamw_lr",
+        f"optim.max_lr={beside}", *seeds, *extra])  # fmt: skip
+    adamw, muon = best(st["adamw"]), best(st["muon_lr"] + st["muon_adamw"])
+    if "timing" not in skip:
+        with tempfile.TemporaryDirectory(prefix="compare-timing-") as tmp:
+            results.step_times = {"adamw": [], "muon": []}
+            if not torch.cuda.is_available():
+                results.bf16_slowdown = bf16_matmul_slowdown()
+            for _ in range(args.timing_rounds):
+                for name, s in (("adamw", adamw), ("muon", muon)):
+                    results.step_times[name] += step_times(s, Path(tmp), args.timing_steps, 2,
+                                                           extra)  # fmt: skip
+    png = Path(args.png) if args.png else None
+    if png is not None:
+        curves = [Curves(f"{s.label()} seed {j.seed}", val=j.curves.val)
+                  for s in (adamw, muon) for j in s.jobs]  # fmt: skip
+        plot_runs(curves, png, "validation loss, best AdamW and best Muon (tiny model)")
+    job0 = adamw.jobs[0]
+    cfg = yaml.safe_load((job0.path / ".hydra" / "config.yaml").read_text())["trainer"]
+    budget = (f"{cfg['max_steps']} steps x {cfg['tokens_per_step']:,} tokens = "
+              f"{cfg['max_steps'] * cfg['tokens_per_step']:,} tokens")  # fmt: skip
+    return results, render(results, png, budget)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = build_parser().parse_args(argv)
+    load, start = load_average(), time.perf_counter()
+    results, body = compare(args)
+    out_md = Path(args.runs_dir).resolve() / "compare" / "compare.md"
+    out_md.write_text(body + "\n")
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m pipeline.compare" + "".join(f" {a}" for a in given)
+    if args.out:
+        key, text = section(body, command, time.perf_counter() - start, load)
+        out = Path(args.out)
+        out.write_text(merge_benchmarks(out.read_text() if out.is_file() else "", key, text))
+    print(body)
+    print(f"wrote {out_md}" + (f" and {args.out}" if args.out else ""))
+    if args.png and Path(args.png).parent != out_md.parent:
+        shutil.copy(args.png, out_md.parent / Path(args.png).name)
+    return body

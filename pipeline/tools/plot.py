@@ -1,0 +1,99 @@
+"""Loss curves without W&B: `python -m pipeline.plot runs/NAME [runs/OTHER ...] --out loss.png`.
+
+Reads each run's `metrics.jsonl` and draws training loss (thin) and validation loss (markers)
+against tokens seen, one colour per run, into a PNG. A sweep folder (`runs/<sweep>/` holding
+`0/`, `1/`, ...) stands for all of its runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Curves:
+    """One run's losses (nats/token) against tokens seen."""
+
+    name: str
+    train: list[tuple[int, float]] = field(default_factory=list)
+    val: list[tuple[int, float]] = field(default_factory=list)
+
+
+def expand_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders: each path that holds metrics.jsonl, else its subfolders that do (a sweep).
+    Raises FileNotFoundError naming a path with neither."""
+    runs = []
+    for path in map(Path, paths):
+        found = [path] if (path / METRICS).is_file() else sorted(
+            p.parent for p in path.glob(f"*/{METRICS}")
+        )  # fmt: skip
+        if not found:
+            raise FileNotFoundError(f"{path}: no {METRICS} in it or its subfolders (a run folder?)")
+        runs += found
+    return runs
+
+
+def read_curves(run_dir: Path, name: str | None = None) -> Curves:
+    """Train and validation (tokens_seen, loss) points of a run, in logged order; skipped
+    (non-finite) steps are left out."""
+    curves = Curves(name or str(run_dir))
+    for line in (run_dir / METRICS).read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] in ("train", "val"):
+            getattr(curves, record["kind"]).append((record["tokens_seen"], record["loss"]))
+    return curves
+
+
+def plot_runs(runs: list[Curves], out: str | Path, title: str = "loss") -> Path:
+    """Draw the runs' curves into a PNG at `out` (folders created); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for i, run in enumerate(runs):
+        colour = f"C{i % 10}"
+        if run.train:
+            ax.plot(*zip(*run.train), color=colour, lw=1, alpha=0.6, label=f"{run.name} train")
+        if run.val:
+            ax.plot(*zip(*run.val), color=colour, marker="o", ms=4, label=f"{run.name} val")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def run_label(run_dir: Path) -> str:
+    """`<sweep>/<job>` for a job of a Hydra sweep (its folder holds multirun.yaml), else the
+    run folder's name."""
+    if (run_dir.parent / "multirun.yaml").is_file():
+        return f"{run_dir.parent.name}/{run_dir.name}"
+    return run_dir.name
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.plot", description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run folders, or sweep folders holding runs")
+    parser.add_argument("--out", default="loss.png", help="PNG to write (default loss.png)")
+    parser.add_argument("--title", default="loss")
+    args = parser.parse_args(argv)
+    try:
+        run_dirs = expand_runs(args.runs)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    names = [run_label(p) for p in run_dirs]
+    out = plot_runs([read_curves(p, n) for p, n in zip(run_dirs, names)], args.out, args.title)
+    print(f"wrote {out} ({len(run_dirs)} run(s))")
