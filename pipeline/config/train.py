@@ -1,108 +1,14 @@
-"""Typed configuration: one dataclass per Hydra config group, registered as structured configs.
-
-The YAML files under `conf/` only pick values and compose groups; these schemas give every key
-its type and default, so an unknown key or a wrong type fails when Hydra composes the config.
-Checks that span several values (divisibility, sizes against the data) live in `problems()`
-methods and in the stages, which collect every problem and raise once with the fix.
-"""
+"""Schema of the training stage: model, data, optim, and the trainer settings grouped as
+trainer (the run, its batch and length), eval, checkpoint, runtime and profile; RENAMED lists
+the keys that moved out of trainer."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 from pipeline.model import LOSS_IMPLS, ModelConfig
-
-# --------------------------------------------------------------------------- prepare
-
-
-@dataclass
-class SourceConfig:
-    """Where documents come from. Hub and local sources share one code path (`datasets`
-    streaming), so nothing is downloaded into a cache and local files behave like the hub."""
-
-    name: str = MISSING
-    """Short name, used as the shard file prefix and the default output folder."""
-    kind: str = "hub"
-    """`hub` (a dataset on the Hugging Face hub, streamed) or `local` (files matched by `paths`)."""
-    dataset: str = "HuggingFaceFW/fineweb"
-    """Hub dataset id (kind=hub)."""
-    config_name: str | None = None
-    """Hub dataset configuration, e.g. `sample-10BT` (kind=hub)."""
-    revision: str | None = None
-    """Hub git revision to pin (kind=hub); null = the default branch."""
-    paths: list[str] = field(default_factory=list)
-    """Files or glob patterns (kind=local): .parquet, .jsonl/.json(.gz), .txt."""
-    split: str = "train"
-    """Dataset split to read."""
-    text_column: str = "text"
-    """Column holding the document text (plain-text files always give `text`)."""
-    max_documents: int | None = None
-    """Stop after this many documents (null = all)."""
-    shuffle_buffer: int = 0
-    """Shuffle documents through a buffer of this many (0 = keep source order). A buffer larger
-    than the source shuffles it completely."""
-    shuffle_seed: int = 1337
-    """Seed of the document shuffle."""
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.kind not in ("hub", "local"):
-            out.append(f"source.kind={self.kind!r} is unknown: use 'hub' or 'local'")
-        if self.kind == "local" and not self.paths:
-            out.append("source.kind=local needs source.paths, e.g. 'source.paths=[data/*.parquet]'")
-        if self.max_documents is not None and self.max_documents < 1:
-            out.append(f"source.max_documents={self.max_documents} must be >= 1 or null")
-        if self.shuffle_buffer < 0:
-            out.append(f"source.shuffle_buffer={self.shuffle_buffer} must be >= 0")
-        return out
-
-
-@dataclass
-class PrepareConfig:
-    """`python -m pipeline.prepare`: documents -> uint16 token shards + manifest.json."""
-
-    source: SourceConfig = field(default_factory=SourceConfig)
-    out_dir: str = "shards"
-    """Parent folder of the output; shards go to `<out_dir>/<name>/`."""
-    name: str | None = None
-    """Output folder and shard prefix; null = source.name."""
-    shard_size: int = 100_000_000
-    """Tokens per shard (the last shard of each split holds the rest). llm.c uses 1e8."""
-    val_tokens: int = 100_000_000
-    """Validation split size in tokens: whole documents, taken first from the stream, until at
-    least this many tokens (so no document is split between validation and training)."""
-    num_workers: int = 0
-    """Tokenizer processes; 0 = one per CPU core. Output bytes do not depend on it."""
-    docs_per_task: int = 128
-    """Documents handed to a worker at a time."""
-    overwrite: bool = False
-    """Delete existing output that was prepared with a different configuration."""
-    progress: bool = True
-    """Show a progress bar (documents, tokens, tokens/s)."""
-
-    @property
-    def dataset_name(self) -> str:
-        return self.name or self.source.name
-
-    def problems(self) -> list[str]:
-        out = self.source.problems()
-        if self.shard_size < 1:
-            out.append(f"shard_size={self.shard_size} must be >= 1 token")
-        if self.val_tokens < 0:
-            out.append(f"val_tokens={self.val_tokens} must be >= 0")
-        if self.num_workers < 0:
-            out.append(f"num_workers={self.num_workers} must be >= 0 (0 = all cores)")
-        if self.docs_per_task < 1:
-            out.append(f"docs_per_task={self.docs_per_task} must be >= 1")
-        return out
-
-
-# --------------------------------------------------------------------------- train
 
 
 @dataclass
@@ -158,7 +64,7 @@ class OptimConfig:
     """`cosine`: warmup, then cosine decay to min_lr at the last step (GPT-3). `wsd`:
     warmup-stable-decay (Hu et al. 2024, MiniCPM): warmup, max_lr until the last
     decay_fraction of the steps, then a decay to min_lr; a run can be extended from any
-    checkpoint taken before its decay (see pipeline.optim)."""
+    checkpoint taken before its decay (see pipeline.training.optim)."""
     decay_fraction: float = 0.2
     """wsd: fraction of the steps in the final decay, in (0, 1] (Hägele et al. 2024 find 20%
     matches cosine)."""
@@ -509,117 +415,3 @@ class TrainConfig:
                 "micro_batch_size"
             )
         return out
-
-
-# --------------------------------------------------------------------------- evaluate
-
-
-@dataclass
-class EvaluateConfig:
-    """`python -m pipeline.evaluate`."""
-
-    checkpoint: str | None = None
-    """A checkpoint folder, or a run folder (its newest complete checkpoint is used); or set
-    `pretrained` instead."""
-    pretrained: str | None = None
-    """Instead of a checkpoint: OpenAI's GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl,
-    from the Hugging Face hub or its cache) or a local Hugging Face GPT-2 folder (as written by
-    `python -m pipeline.hf export`). The val_loss task then needs shard_dir and block_size."""
-    tasks: list[str] = field(default_factory=lambda: ["val_loss"])
-    """What to measure: `val_loss` (validation loss, perplexity) and/or `hellaswag`."""
-    hellaswag_path: str | None = None
-    """HellaSwag validation file (rowanz hellaswag_val.jsonl or klosax's JSON lines); null =
-    download rowanz/hellaswag's into ~/.cache/gpt2-fineweb-pipeline/hellaswag/."""
-    hellaswag_limit: int | None = None
-    """Score only the first this many HellaSwag items; null = all 10,042."""
-    shard_dir: str | None = None
-    """Validation data; null = the shard_dir the checkpoint was trained on."""
-    eval_tokens: int | None = None
-    """Validation tokens to score; null = the whole validation split."""
-    micro_batch_size: int = 8
-    """Windows (val_loss), or HellaSwag items of 4 rows each (hellaswag), per forward pass."""
-    block_size: int | None = None
-    """Window length in tokens; null = the block_size the checkpoint was trained with."""
-    precision: str = "auto"
-    """bf16, fp32, or auto (bf16 on a CUDA device that supports it; see
-    pipeline.training.runtime.resolve_precision)."""
-    cpu: bool = False
-    """Evaluate on the CPU even when a GPU is present."""
-    sample_tokens: int = 64
-    """Tokens generated after the prompt below (0 = no sample)."""
-    prompt: str = "The meaning of life is"
-    seed: int = 1337
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.micro_batch_size < 1:
-            out.append(f"micro_batch_size={self.micro_batch_size} must be >= 1")
-        if self.precision not in PRECISIONS:
-            out.append(f"precision={self.precision!r}: use auto, bf16 or fp32")
-        if self.eval_tokens is not None and self.eval_tokens < 2:
-            out.append(f"eval_tokens={self.eval_tokens} must be >= 2 or null")
-        return out
-
-
-# --------------------------------------------------------------------------- sample
-
-
-@dataclass
-class SampleConfig:
-    """`python -m pipeline.sample`."""
-
-    checkpoint: str | None = None
-    """A checkpoint folder, or a run folder (its newest complete checkpoint is used)."""
-    pretrained: str | None = None
-    """Instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (OpenAI's weights from
-    the Hugging Face hub or its cache) or a local Hugging Face GPT-2 folder."""
-    prompt: str = "Hello, I'm a language model,"
-    max_new_tokens: int = 64
-    """Tokens generated after the prompt."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 = greedy decoding (deterministic)."""
-    top_k: int | None = 200
-    """Sample among the k most likely tokens; null = all."""
-    top_p: float | None = 0.95
-    """Sample among the most likely tokens holding this much probability; null = all."""
-    seed: int = 1337
-    """Sample i uses a generator seeded with seed + i."""
-    num_samples: int = 1
-    cpu: bool = False
-    """Sample on the CPU even when a GPU is present."""
-
-    def problems(self) -> list[str]:
-        out = []
-        if (self.checkpoint is None) == (self.pretrained is None):
-            out.append("set exactly one of checkpoint=runs/NAME and pretrained=gpt2")
-        if self.max_new_tokens < 1 or self.num_samples < 1:
-            out.append("max_new_tokens and num_samples must be >= 1")
-        if self.temperature < 0:
-            out.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            out.append(f"top_p={self.top_p} must be in (0, 1] or null")
-        return out
-
-
-def register_configs() -> None:
-    """Register the root schemas with Hydra; `conf/*.yaml` list them first in `defaults`."""
-    cs = ConfigStore.instance()
-    cs.store(name="prepare_schema", node=PrepareConfig)
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="evaluate_schema", node=EvaluateConfig)
-    cs.store(name="sample_schema", node=SampleConfig)
-
-
-def to_dataclass(cfg: DictConfig) -> Any:
-    """Convert a composed, schema-typed DictConfig into its dataclass (resolving interpolations)."""
-    return OmegaConf.to_object(cfg)
-
-
-def as_dict(obj: Any) -> dict:
-    """A dataclass config as a plain dict (for checkpoints, JSON and W&B)."""
-    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)
-
-
-def conf_dir() -> str:
-    """Absolute path of the repository's `conf/` folder."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")

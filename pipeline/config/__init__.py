@@ -1,0 +1,72 @@
+"""Typed configuration: one dataclass per Hydra config group, registered as structured configs.
+
+The YAML files under `conf/` only pick values and compose groups; these schemas give every key
+its type and default, so an unknown key or a wrong type fails when Hydra composes the config.
+Checks that span several values (divisibility, sizes against the data) live in `problems()`
+methods and in the stages, which collect every problem and raise once with the fix.
+
+The schemas live beside each other in this package, one module per stage (prepare, train,
+evaluate and sample); every name is importable from `pipeline.config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config.evaluate import EvaluateConfig, SampleConfig
+from pipeline.config.prepare import PrepareConfig, SourceConfig
+from pipeline.config.train import (
+    COMPILE_MODES,
+    DECAY_SHAPES,
+    MUON_LR_ADJUSTMENTS,
+    OPTIMIZERS,
+    PRECISIONS,
+    RENAMED,
+    SCHEDULES,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LoggerConfig,
+    OptimConfig,
+    ProfileConfig,
+    RuntimeConfig,
+    TrainConfig,
+    TrainerConfig,
+    renamed_key_problems,
+)
+
+__all__ = [
+    "COMPILE_MODES", "DECAY_SHAPES", "MUON_LR_ADJUSTMENTS", "OPTIMIZERS", "PRECISIONS", "RENAMED",
+    "SCHEDULES", "CheckpointConfig", "DataConfig", "EvalConfig", "EvaluateConfig", "LoggerConfig",
+    "OptimConfig", "PrepareConfig", "ProfileConfig", "RuntimeConfig", "SampleConfig",
+    "SourceConfig", "TrainConfig", "TrainerConfig", "as_dict", "conf_dir", "register_configs",
+    "renamed_key_problems", "to_dataclass",
+]  # fmt: skip
+
+
+def register_configs() -> None:
+    """Register the root schemas with Hydra; `conf/*.yaml` list them first in `defaults`."""
+    cs = ConfigStore.instance()
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+
+
+def to_dataclass(cfg: DictConfig) -> Any:
+    """Convert a composed, schema-typed DictConfig into its dataclass (resolving interpolations)."""
+    return OmegaConf.to_object(cfg)
+
+
+def as_dict(obj: Any) -> dict:
+    """A dataclass config as a plain dict (for checkpoints, JSON and W&B)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)
+
+
+def conf_dir() -> str:
+    """Absolute path of the repository's `conf/` folder."""
+    return str(Path(__file__).resolve().parents[2] / "conf")
