@@ -6,15 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers.env import use_shared_data
+from helpers.paths import SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
-
-# tiktoken reads the gpt2 vocabulary from this cache instead of downloading it.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
+use_shared_data()
 
 
 @pytest.fixture(scope="session")

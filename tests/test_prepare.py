@@ -18,16 +18,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.paths import REPO
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import PrepareConfig, SourceConfig, conf_dir, register_configs, to_dataclass
-from pipeline.data import shards
-from pipeline.data import sources
+from pipeline.data import shards, sources
 from pipeline.data import tokenizer as tok
-from pipeline.data.writer import PROGRESS, PrepareError, prepare
-from pipeline.errors import ConfigError
+from pipeline.data.progress import PROGRESS
+from pipeline.data.writer import prepare
+from pipeline.errors import ConfigError, PrepareError
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_DOCS = 400  # documents of the sample used by most tests: ~390k tokens
 SHARD_SIZE = 50_000
 VAL_TOKENS = 100_000
@@ -567,4 +567,4 @@ def test_command_line(reference: Path, fineweb_sample: Path, tmp_path: Path):
         text=True,
         timeout=120,
     )
-    assert bad.returncode == 1 and "no file matches 'nothing/*.parquet'" in bad.stderr
+    assert bad.returncode == 2 and "no file matches 'nothing/*.parquet'" in bad.stderr

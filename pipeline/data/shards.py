@@ -1,4 +1,5 @@
-"""The shard format: llm.c-compatible uint16 token files plus a manifest.
+"""The shard format: llm.c-compatible uint16 token files plus a manifest; this module writes,
+reads and verifies both.
 
 A shard is a `.bin` file: a header of 256 little-endian int32 (`[0]` = 20240520 magic,
 `[1]` = 1 version, `[2]` = number of tokens; llm.c `dev/data/data_common.py`), then that many
@@ -14,11 +15,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from pipeline.data.tokenizer import EOT, TOKENIZER, VOCAB_SIZE
 from pipeline.errors import ShardError
-from pipeline.files import sha256_file, write_bytes_atomic
+from pipeline.files import is_plain_name, sha256_file, write_bytes_atomic, write_json_atomic
 
 MAGIC = 20240520
 VERSION = 1
@@ -28,7 +31,9 @@ TOKEN_DTYPE = np.dtype("<u2")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 SPLITS = ("val", "train")
-TOKENIZER = "gpt2"  # tiktoken encoding of every shard (manifest "tokenizer")
+
+
+# --------------------------------------------------------------------------- shards
 
 
 def shard_name(prefix: str, split: str, index: int) -> str:
@@ -92,6 +97,51 @@ def open_shard(path: str | os.PathLike) -> np.memmap:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
+# --------------------------------------------------------------------------- manifest
+
+
+def build_manifest(
+    settings: dict[str, Any], shards: list[dict[str, Any]], split_documents: dict[str, int]
+) -> dict[str, Any]:
+    """The manifest of a finished prepare run (deterministic: no times, no hosts).
+
+    settings: "name", "source", "shard_size", "val_tokens" as the prepare stage records them;
+    shards: {"file", "split", "tokens", "sha256"} per shard in order; split_documents: documents
+    per split. Per-split token and shard counts are summed from shards.
+    """
+    splits = {
+        split: {
+            "documents": split_documents[split],
+            "tokens": sum(s["tokens"] for s in shards if s["split"] == split),
+            "shards": sum(s["split"] == split for s in shards),
+        }
+        for split in SPLITS
+    }
+    return {
+        "format_version": MANIFEST_VERSION,
+        "format": {
+            "magic": MAGIC,
+            "version": VERSION,
+            "header": f"{HEADER_INTS} little-endian int32: magic, version, number of tokens",
+            "tokens": "little-endian uint16, after the header",
+        },
+        "name": settings["name"],
+        "tokenizer": TOKENIZER,
+        "vocab_size": VOCAB_SIZE,
+        "eot_token": EOT,
+        "source": settings["source"],
+        "shard_size": settings["shard_size"],
+        "val_tokens": settings["val_tokens"],
+        "splits": splits,
+        "shards": shards,
+    }
+
+
+def write_manifest(shard_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Write `<shard_dir>/manifest.json` atomically: after it, the folder is complete."""
+    write_json_atomic(Path(shard_dir) / MANIFEST, manifest)
+
+
 def load_manifest(shard_dir: str | os.PathLike) -> dict:
     """Read `<shard_dir>/manifest.json`. Raises ShardError when the folder or manifest is
     missing (prepare did not finish) or the manifest is not from this format."""
@@ -114,6 +164,62 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
     if manifest.get("format_version") != MANIFEST_VERSION or "shards" not in manifest:
         raise ShardError(f"{path}: unknown manifest format; prepare the data again")
     return manifest
+
+
+def listed_shards(manifest: dict) -> list[str]:
+    """File names of the shards a manifest lists, in manifest order.
+
+    Raises ShardError when an entry is not a plain file name (a manifest from elsewhere must
+    not make us read or write outside its folder)."""
+    names = []
+    for entry in manifest["shards"]:
+        name = entry["file"]
+        if not is_plain_name(name):
+            raise ShardError(
+                f"{MANIFEST}: shard file {name!r} must be a plain file or folder name, without '/'"
+            )
+        names.append(name)
+    return names
+
+
+def shard_problems(shard_dir: str | os.PathLike) -> dict[str, str]:
+    """Every shard of the folder that does not match its manifest: {file name: problem}.
+
+    Checks, per listed shard: present, llm.c header, file size = header's token count, token
+    count = manifest's, sha256 (so it reads every byte).
+    Returns {} for a complete folder. Raises ShardError when the manifest is missing (prepare
+    did not finish) or unreadable, or lists a name that is not a plain file name."""
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    listed_shards(manifest)  # rejects path-like names before any file is opened
+    problems = {}
+    for entry in manifest["shards"]:
+        path = shard_dir / entry["file"]
+        try:
+            tokens = read_num_tokens(path)
+        except ShardError as e:
+            problems[entry["file"]] = str(e)
+            continue
+        if tokens != entry["tokens"]:
+            problems[entry["file"]] = f"{path}: {tokens} tokens, {MANIFEST} says {entry['tokens']}"
+        elif sha256_file(path) != entry["sha256"]:
+            problems[entry["file"]] = f"{path}: sha256 differs from {MANIFEST} (altered bytes)"
+    return problems
+
+
+def verify_shard_folder(shard_dir: str | os.PathLike) -> dict:
+    """Check every listed shard against the manifest (see shard_problems); returns the manifest.
+    Raises ShardError naming every file that does not match, or a missing manifest."""
+    problems = shard_problems(shard_dir)
+    if problems:
+        raise ShardError(
+            f"{len(problems)} shard(s) of {shard_dir} do not match {MANIFEST}:\n  "
+            + "\n  ".join(problems.values())
+        )
+    return load_manifest(shard_dir)
+
+
+# --------------------------------------------------------------------------- splits
 
 
 @dataclass

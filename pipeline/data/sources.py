@@ -29,8 +29,6 @@ BUILDERS = {
 READ_BATCH = 256
 """Rows read from the `datasets` stream at a time."""
 
-# --------------------------------------------------------------------------- documents
-
 
 def resolve_files(source: SourceConfig) -> list[Path]:
     """The files of a local source: every glob of source.paths expanded, sorted, deduplicated

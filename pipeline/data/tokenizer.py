@@ -17,10 +17,12 @@ from functools import lru_cache
 import numpy as np
 import tiktoken
 
-from pipeline.data.shards import TOKENIZER
 from pipeline.errors import PrepareError
 
+TOKENIZER = "gpt2"
+"""The tiktoken encoding of every shard (the manifest's "tokenizer")."""
 VOCAB_SIZE = 50257
+"""`n_vocab` of `gpt2`: ids 0..50256, so every id fits uint16."""
 EOT = 50256
 """`<|endoftext|>`: precedes every document. `encode_ordinary` never produces it (it is a special
 token, not a BPE rank), so its positions in a token stream are exactly the document starts."""

@@ -1,4 +1,4 @@
-"""`python -m pipeline.prepare`: documents -> uint16 token shards + manifest.json.
+"""The prepare stage's library, `prepare(cfg)`: documents -> uint16 token shards + manifest.json.
 
     python -m pipeline.prepare                                   # FineWeb sample-10BT from the hub
     python -m pipeline.prepare source=local 'source.paths=[data/*.parquet]' name=mini \\
@@ -10,23 +10,21 @@ documents from the start of the (optionally shuffled) stream until it holds at l
 tokens; everything after is training data. The bytes depend only on the source, shard_size and
 val_tokens, never on num_workers or on how often the run was stopped and started again.
 
-Resume: after every completed shard `.progress.json` records the completed shards and the stream
-position (documents whose tokens are all in completed shards, plus the tokens of the next document
-already written). A run started again with the same settings skips those documents without
-tokenizing them, drops the already-written head of the next one, and carries on.
+Resume: after every completed shard `.progress.json` (pipeline.data.progress) records the
+completed shards and the stream position (documents whose tokens are all in completed shards, plus
+the tokens of the next document already written). A run started again with the same settings
+skips those documents without tokenizing them, drops the already-written head of the next one,
+and carries on. The shard and manifest format is pipeline.data.shards'.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import itertools
-import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,39 +32,29 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import PrepareConfig, as_dict
+from pipeline.data.progress import (
+    PROGRESS,
+    SETTINGS_KEYS,
+    Progress,
+    fingerprint,
+    recorded_settings,
+    settings_diff,
+)
 from pipeline.data.shards import (
-    HEADER_INTS,
-    MAGIC,
     MANIFEST,
     MANIFEST_VERSION,
     SPLITS,
-    VERSION,
+    build_manifest,
     load_manifest,
     read_num_tokens,
     shard_name,
+    write_manifest,
     write_shard,
 )
 from pipeline.data.sources import iter_documents, resolve_files
-from pipeline.data.tokenizer import (
-    EOT,
-    TOKENIZER,
-    VOCAB_SIZE,
-    get_encoding,
-    split_documents,
-    tokenize_documents,
-)
+from pipeline.data.tokenizer import TOKENIZER, get_encoding, split_documents, tokenize_documents
 from pipeline.errors import PrepareError, ShardError, raise_if
-from pipeline.files import write_json_atomic
 
-PROGRESS = ".progress.json"
-ORDER = "stream_order"
-SETTINGS_KEYS = ("format_version", "name", "tokenizer", "source", "shard_size", "val_tokens")
-"""What the bytes depend on: a run with other values for these writes other shards."""
-STREAM_ORDER = 2
-"""Version of the order in which the stage reads documents. A progress record of another
-version cannot be continued: the stream position it records would point elsewhere. 2: local
-parquet read by row group (`tokenize.parquet_stream`), which shuffles differently from 1
-(`datasets`' parquet builder; its records carry no version)."""
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_SHARD_SIZE = 2**31 - 1
 
@@ -94,32 +82,6 @@ def settings_of(cfg: PrepareConfig) -> dict[str, Any]:
     }
 
 
-def fingerprint(settings: dict[str, Any]) -> str:
-    """sha256 of the settings as canonical JSON."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """'key: old -> new' for each differing setting (source keys one level down)."""
-    changes = []
-    for key in SETTINGS_KEYS:
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += [
-                f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k)
-            ]
-        elif a != b:
-            changes.append(f"{key}: {a!r} -> {b!r}")
-    if ORDER in old:
-        changes.append(
-            f"{ORDER}: {old[ORDER]} -> {STREAM_ORDER} (an earlier version of the prepare stage "
-            "started this run and read the documents in another order)"
-        )
-    return "; ".join(changes) or "(unreadable record)"
-
-
 def _output_problems(cfg: PrepareConfig) -> list[str]:
     """Problems of the output settings that PrepareConfig.problems() does not know about."""
     out = []
@@ -132,43 +94,6 @@ def _output_problems(cfg: PrepareConfig) -> list[str]:
             "token count as int32"
         )
     return out
-
-
-# --------------------------------------------------------------------------- progress
-
-
-@dataclass
-class Progress:
-    """A run's state after its last completed shard (the content of `.progress.json`)."""
-
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    """Completed shards in order: {"file", "split", "tokens", "sha256"}."""
-    documents: int = 0
-    """Stream documents whose tokens are all in completed shards."""
-    doc_tokens_written: int = 0
-    """Tokens of the next document (index `documents`) already in completed shards."""
-    split: str = "val"
-    """Split that the next tokens go to."""
-    split_documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    """Per split: documents whose tokens are all in completed shards."""
-
-    def split_tokens(self, split: str) -> int:
-        return sum(s["tokens"] for s in self.shards if s["split"] == split)
-
-    def save(self, out: Path, settings: dict[str, Any]) -> None:
-        """Write `<out>/.progress.json` atomically (the previous one stays whole on failure)."""
-        record = {
-            "fingerprint": fingerprint(settings),
-            "settings": settings,
-            ORDER: STREAM_ORDER,
-            **asdict(self),
-        }
-        write_json_atomic(out / PROGRESS, record)
-
-    @classmethod
-    def load(cls, out: Path) -> Progress:
-        record = json.loads((out / PROGRESS).read_text())
-        return cls(**{k: record[k] for k in cls.__dataclass_fields__})
 
 
 # --------------------------------------------------------------------------- shard writer
@@ -289,13 +214,7 @@ def _recorded_settings(out: Path) -> tuple[str, dict[str, Any]] | None:
             return "finished", {}
         return "finished", {k: manifest.get(k) for k in SETTINGS_KEYS}
     if (out / PROGRESS).is_file():
-        try:
-            record = json.loads((out / PROGRESS).read_text())
-            settings = record["settings"]
-        except (json.JSONDecodeError, KeyError):
-            return "unfinished", {}
-        order = record.get(ORDER, 1)
-        return "unfinished", settings if order == STREAM_ORDER else {**settings, ORDER: order}
+        return "unfinished", recorded_settings(out)
     return None
 
 
@@ -329,7 +248,7 @@ def _different_output_error(out: Path, prefix: str, settings: dict[str, Any]) ->
     if recorded is None:
         what = "shard files that no manifest.json or .progress.json accounts for"
     else:
-        changes = _settings_diff(recorded[1], settings)
+        changes = settings_diff(recorded[1], settings)
         what = f"{recorded[0]} output of different settings ({changes})"
     return PrepareError(
         f"{out} holds {what}: set overwrite=true to delete it and prepare again, or choose "
@@ -371,39 +290,6 @@ def _resume(out: Path, prefix: str) -> Progress:
         if p.name.endswith(".tmp") or (p.suffix == ".bin" and p.name not in recorded):
             p.unlink()
     return progress
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-def manifest_of(settings: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """The manifest of a finished run (deterministic: no times, no hosts)."""
-    splits = {
-        split: {
-            "documents": progress.split_documents[split],
-            "tokens": progress.split_tokens(split),
-            "shards": sum(s["split"] == split for s in progress.shards),
-        }
-        for split in SPLITS
-    }
-    return {
-        "format_version": MANIFEST_VERSION,
-        "format": {
-            "magic": MAGIC,
-            "version": VERSION,
-            "header": f"{HEADER_INTS} little-endian int32: magic, version, number of tokens",
-            "tokens": "little-endian uint16, after the header",
-        },
-        "name": settings["name"],
-        "tokenizer": TOKENIZER,
-        "vocab_size": VOCAB_SIZE,
-        "eot_token": EOT,
-        "source": settings["source"],
-        "shard_size": settings["shard_size"],
-        "val_tokens": settings["val_tokens"],
-        "splits": splits,
-        "shards": progress.shards,
-    }
 
 
 # --------------------------------------------------------------------------- the stage
@@ -486,8 +372,8 @@ def prepare(cfg: PrepareConfig) -> Path:
     )
     added = _tokenize_into(writer, docs, progress, cfg)
     final = writer.finish()
-    manifest = manifest_of(settings, final)
-    write_json_atomic(out / MANIFEST, manifest)
+    manifest = build_manifest(settings, final.shards, final.split_documents)
+    write_manifest(out, manifest)
     (out / PROGRESS).unlink(missing_ok=True)
     _print_summary(out, manifest, added, time.perf_counter() - start)
     return out
