@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import final_weights, records, tiny_run, train_config
+from helpers.paths import REPO
+from helpers.runs import final_weights, records
+from helpers.tiny import tiny_run, train_config
 
 from pipeline.training.checkpoint import list_checkpoints
 from pipeline.training.loop import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def overrides(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import final_weights, records, tiny_run, train_config, weights
+from helpers.paths import REPO
+from helpers.runs import final_weights, records, weights
+from helpers.tiny import tiny_run, train_config
 
 import pipeline.training.checkpoint
 from pipeline.data.shards import HEADER_BYTES
-from pipeline.errors import NumericsError, ShardError
+from pipeline.errors import PREEMPTED, NumericsError, ShardError
 from pipeline.training.checkpoint import list_checkpoints
-from pipeline.training.loop import PREEMPTED_EXIT_CODE, train
-
-REPO = Path(__file__).resolve().parents[1]
+from pipeline.training.loop import train
 
 
 def overrides(shard_dir: Path, runs_dir: Path, run_name: str = "run") -> list[str]:
@@ -87,7 +87,7 @@ def test_sigterm_checkpoints_and_exits_for_a_restart(sample_shards, reference, t
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
-    assert process.returncode == PREEMPTED_EXIT_CODE, out
+    assert process.returncode == PREEMPTED, out
     stopped_at = json.loads((list_checkpoints(tmp_path / "run")[-1] / "state.json").read_text())
     assert 1 <= stopped_at["step"] < 6 and "stopping after step" in out
     resumed = subprocess.run(command(args), cwd=REPO, capture_output=True, text=True)

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import final_weights, records, tiny_run, train_config, weights
+from helpers.paths import REPO
+from helpers.runs import final_weights, records, weights
+from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import ConfigError
-from pipeline.interop.hf import export_hf, load_hf_dir
+from pipeline.interop.hf import load_hf_dir
+from pipeline.interop.hf_export import export_hf
 from pipeline.model import GPT
 from pipeline.training.checkpoint import list_checkpoints
 from pipeline.training.loop import train
 
-REPO = Path(__file__).resolve().parents[1]
 MUON = ["optim=muon", "optim.muon_lr=0.02", "optim.max_lr=1e-2", "optim.min_lr=1e-3"]
 
 

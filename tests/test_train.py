@@ -13,15 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from runs import final_weights, records
+from helpers.paths import REPO
+from helpers.runs import final_weights, records
+from helpers.tiny import small_config
 
 from pipeline.config import (
-    RENAMED,
-    DataConfig,
     EvaluateConfig,
     LoggerConfig,
     OptimConfig,
-    TrainConfig,
 )
 from pipeline.data.loader import TrainLoader, ValidationWindows
 from pipeline.data.shards import open_split
@@ -29,36 +28,9 @@ from pipeline.errors import CheckpointError, ConfigError, ShardError
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import list_checkpoints
-from pipeline.training.loop import accumulate_gradients, train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def small_config(shard_dir: Path, runs_dir: Path, **settings) -> TrainConfig:
-    """A 2-layer GPT-2 on 64-token windows: 512 tokens per step in micro-batches of 4 (two
-    accumulation steps). `settings` are trainer fields or moved ones by their old flat names
-    (eval_interval, checkpoint_interval, keep_last, ...; see pipeline.config.RENAMED)."""
-    defaults = dict(
-        run_name="run",
-        runs_dir=str(runs_dir),
-        tokens_per_step=512,
-        micro_batch_size=4,
-        max_steps=6,
-        eval_interval=3,
-        eval_tokens=2048,
-        checkpoint_interval=3,
-        sample_tokens=0,
-        seed=7,
-    )
-    cfg = TrainConfig(
-        model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),
-        data=DataConfig(shard_dir=str(shard_dir)),
-        optim=OptimConfig(max_lr=1e-2, min_lr=1e-3, warmup_steps=2),
-    )
-    for key, value in {**defaults, **settings}.items():
-        group, name = RENAMED.get(f"trainer.{key}", f"trainer.{key}").split(".")
-        setattr(getattr(cfg, group), name, value)
-    return cfg
+from pipeline.training.loop import train
+from pipeline.training.optim import build_optimizer
+from pipeline.training.step import SingleProcess, TrainStep, accumulate_gradients
 
 
 def test_training_lowers_validation_loss_and_writes_the_run(sample_shards, tmp_path):
@@ -90,7 +62,7 @@ def test_gradient_accumulation_matches_one_large_batch(sample_shards):
         torch.manual_seed(0)
         model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
         loader = TrainLoader(split, 64, micro_batch_size, seed=3)
-        losses.append(accumulate_gradients(model, loader, grad_accum, accelerator))
+        losses.append(accumulate_gradients(model, loader.next_batch, grad_accum, accelerator))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
     for name, g in grads[0].items():
@@ -98,6 +70,22 @@ def test_gradient_accumulation_matches_one_large_batch(sample_shards):
         torch.testing.assert_close(
             grads[1][name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name
         )
+
+
+def test_one_process_step_is_the_training_step(sample_shards):
+    """TrainStep through SingleProcess (the planner's memory probe) updates the weights exactly
+    as through the Accelerator training uses."""
+    split, optim = open_split(sample_shards, "train"), OptimConfig(max_lr=1e-2, warmup_steps=1)
+    models = []
+    for processes in (Accelerator(cpu=True), SingleProcess(torch.device("cpu"))):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+        step = TrainStep(model, model, build_optimizer(model, optim, "cpu"), 2, 1.0, processes)
+        loader = TrainLoader(split, 64, 4, seed=3)
+        results = [step(i + 1, 1.0, loader.next_batch) for i in range(2)]
+        assert all(r.finite and not r.stopping for r in results)
+        models.append(model.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
 
 def test_training_with_accumulation_follows_the_single_batch_run(sample_shards, tmp_path):

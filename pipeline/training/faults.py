@@ -1,4 +1,6 @@
-"""Fault injection for the crash-recovery tests: kill or poison a real run at a named point.
+"""Faults from outside a run: the stop signals a scheduler sends before killing a job
+(`StopSignal`), and fault injection for the crash-recovery tests, which kills or poisons a real
+run at a named point.
 
 `PIPELINE_FAULT="<point>:<step>"` makes `inject(point, step)` act once the run reaches that
 optimizer step (1-based, the step being computed):
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 ENV = "PIPELINE_FAULT"
 
@@ -36,3 +39,33 @@ def inject(point: str, step: int) -> bool:
         return True
     os.kill(os.getpid(), signal.SIGKILL)
     return False  # not reached
+
+
+class StopSignal:
+    """Notes SIGTERM or SIGUSR1, which cloud providers and SLURM send before killing a job, so
+    the loop can finish its step, write a checkpoint and exit with pipeline.errors.PREEMPTED.
+    A context manager: the previous handlers come back on exit (main thread only)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        """The name of the signal received (e.g. SIGTERM); None while there is none."""
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """Whether this process has received a stop signal."""
+        return self.received is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name

@@ -1,4 +1,4 @@
-"""Rank-0 side effects in one place: stdout, metrics.jsonl, W&B; and throughput/MFU.
+"""Rank-0 side effects in one place: stdout, metrics.jsonl, W&B.
 
 Every print, file write and W&B call of training goes through a `Reporter`, whose `enabled`
 flag is the accelerator's `is_main_process`; other ranks' reporters do nothing.
@@ -9,54 +9,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.config import LoggerConfig
-
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched in order
-# against torch.cuda.get_device_name(); the first matching substring wins.
-PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("H200", 989.4e12),
-    ("GH200", 989.4e12),
-    ("H100 PCIe", 756.0e12),
-    ("H100", 989.4e12),  # SXM and NVL
-    ("H800", 989.4e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362.05e12),
-    ("L40", 181.05e12),
-    ("L4", 121.0e12),
-    ("A6000", 154.8e12),
-    ("A10G", 70.0e12),
-    ("A10", 125.0e12),
-    ("RTX 4090", 165.2e12),
-    ("RTX 3090", 71.0e12),
-]
+from pipeline.training import runlog
 
 
-def peak_flops(device: torch.device, override: float | None = None) -> float | None:
-    """Peak bf16 FLOP/s of one device: the override, else the table above, else None (CPU
-    or an unknown GPU, for which MFU is not reported)."""
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
-
-
-def mfu(
-    flops_per_token: float, tokens_per_s: float, peak: float | None, devices: int
-) -> float | None:
-    """Model FLOPs utilisation in [0, 1]: achieved model FLOP/s over devices · peak (PaLM,
-    Chowdhery et al. 2022, appendix B). None when the peak is unknown."""
-    if not peak:
-        return None
-    return flops_per_token * tokens_per_s / (peak * devices)
+def main_print(enabled: bool) -> Callable[..., None]:
+    """print, flushed, where enabled (the main process); elsewhere a function that does nothing.
+    The gate for lines printed before a run's Reporter exists (resuming, checkpoints)."""
+    return lambda *args: print(*args, flush=True) if enabled else None
 
 
 class Reporter:
@@ -85,8 +49,8 @@ class Reporter:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
-        self._truncate(resume_step)
+        self.path = run_dir / runlog.METRICS
+        runlog.truncate(self.path, resume_step)
         self.file = open(self.path, "a")
         if cfg.kind == "wandb":
             import wandb
@@ -110,19 +74,8 @@ class Reporter:
                 self.wandb.define_metric(f"{kind}/*", step_metric="tokens_seen")
             self.wandb.define_metric("val/loss", summary="min")
 
-    def _truncate(self, resume_step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) < resume_step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
     def print(self, *args: Any) -> None:
-        if self.enabled:
-            print(*args, flush=True)
+        main_print(self.enabled)(*args)
 
     def log(self, kind: str, step: int, metrics: dict[str, float], text: str | None = None) -> None:
         """Record metrics of `kind` (train, val, sample) at optimizer step `step`; print `text`

@@ -1,17 +1,26 @@
 """Where and how the steps run, for training, evaluation and sampling alike: the device, the
 precision (one resolver, so `precision=auto` means the same everywhere), the autocast context,
-and the process-level memory setting for CPUs."""
+and the process-level memory setting for CPUs; for training, the Accelerator, FSDP sharding and
+compilation."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+from torch.distributed.fsdp import fully_shard
 
+from pipeline.config import RuntimeConfig
 from pipeline.model import GPT
+from pipeline.training.optim import Optimizers
+
+if TYPE_CHECKING:  # evaluation and sampling import this module without needing accelerate
+    from accelerate import Accelerator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc <malloc.h>
 
@@ -73,3 +82,75 @@ def unwrap_model(model: torch.nn.Module) -> GPT:
             raise TypeError(f"expected a pipeline.model.GPT, got {type(model).__name__}")
         model = inner
     return model
+
+
+def make_accelerator(cfg: RuntimeConfig) -> Accelerator:
+    """One Accelerator owns devices, processes and mixed precision; precision as
+    resolve_precision decides for this process's device."""
+    from accelerate import Accelerator
+
+    cpu = cfg.cpu or not torch.cuda.is_available()
+    if cpu:
+        keep_freed_memory_on_cpu()
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda")
+    bf16 = resolve_precision(cfg.precision, device) == "bf16"
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+
+
+def shard(model: GPT) -> None:
+    """FSDP2 full shard: parameters, gradients and optimizer states split over the processes.
+    Each block is one unit, gathered only for its own forward and backward; the root unit holds
+    the embeddings (tied with the output layer) and the final LayerNorm."""
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model: torch.nn.Module):
+    """Accumulate gradients locally, without the reduce-scatter (FSDP2's no_sync)."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def with_autocast(
+    module: Callable, autocast: Callable[[], contextlib.AbstractContextManager]
+) -> Callable:
+    """module(x, y) under autocast() (e.g. an accelerator's, or autocast_for's), for a model
+    that accelerator.prepare did not wrap."""
+
+    def forward(x: torch.Tensor, y: torch.Tensor):
+        with autocast():
+            return module(x, y)
+
+    return forward
+
+
+def compile_enabled(cfg: RuntimeConfig, device: torch.device) -> bool:
+    """runtime.compile, or when it is null, whether device is a CUDA device."""
+    return cfg.compile if cfg.compile is not None else device.type == "cuda"
+
+
+def prepare(
+    model: GPT, optimizer: Optimizers, accelerator: Accelerator, cfg: RuntimeConfig
+) -> tuple[Callable, Callable[[], contextlib.AbstractContextManager]]:
+    """Wrap a built (and, under runtime.fsdp, sharded) model and its optimizers for training:
+    DDP through accelerator.prepare with several processes, or the sharded model under the
+    accelerator's autocast; torch.compile per compile_enabled. Replaces optimizer.optimizers
+    with the prepared ones. Returns the training forward(x, y) and its no_sync() context
+    (gradient reduction off for the micro-steps before the last)."""
+    compiled = functools.partial(torch.compile, mode=cfg.compile_mode)
+    compile_model = compile_enabled(cfg, accelerator.device)
+    if cfg.fsdp:
+        optimizer.optimizers = [accelerator.prepare(opt) for opt in optimizer]
+        forward = with_autocast(compiled(model) if compile_model else model, accelerator.autocast)
+        return forward, functools.partial(fsdp_no_sync, model)
+    ddp_model, *prepared = accelerator.prepare(model, *optimizer)  # DDP with several processes
+    optimizer.optimizers = prepared
+    forward = compiled(ddp_model) if compile_model else ddp_model
+    return forward, functools.partial(accelerator.no_sync, ddp_model)

@@ -1,0 +1,148 @@
+"""The checkpointer of a run: when to save, what a checkpoint of the run holds, and where a run
+continues from. The folder format is pipeline.training.checkpoint's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from pipeline.config import CheckpointConfig
+from pipeline.data.loader import TrainLoader
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.model import GPT
+from pipeline.training.checkpoint import (
+    full_state,
+    list_checkpoints,
+    load_checkpoint,
+    load_newest_good,
+    read_state,
+    remove_unfinished,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from pipeline.training.optim import Optimizers
+from pipeline.training.state import RunState, every
+
+Check = Callable[[dict], str | None]
+"""Why a checkpoint (its state.json) cannot continue this run, or None when it can
+(pipeline.training.optim.continuation_problem for the run's config)."""
+
+
+@dataclass
+class Checkpointer:
+    """Saves a run's checkpoints per its CheckpointConfig and restores the one it continues."""
+
+    cfg: CheckpointConfig
+    run_dir: Path
+    max_steps: int
+    last_stable_step: int | None
+    """A WSD run's last step before its decay (checkpointed and kept, to extend the run from);
+    None for a cosine schedule."""
+    config: dict
+    """The run's resolved TrainConfig, recorded in every checkpoint."""
+    accelerator: Accelerator
+    fsdp: bool
+    """Each process holds a shard of the model: gathering the full state is collective."""
+    say: Callable[[str], None]
+    """Prints a line on the main process (pipeline.training.reporter.main_print)."""
+
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint after `step` steps: every checkpoint.interval, at the end and,
+        for a WSD run, at its last stable step, from which the run can later be extended."""
+        return every(step, self.cfg.interval, self.max_steps) or step == self.last_stable_step
+
+    def restore(
+        self, model: GPT, optimizer: Optimizers, loader: TrainLoader, check: Check
+    ) -> tuple[Path | None, RunState]:
+        """Remove checkpoint folders a killed process left half-written, then load the
+        checkpoint the run continues from into model, optimizer, loader and the RNG states.
+        Returns (its folder, its RunState), or (None, a fresh RunState) for a new run.
+
+        checkpoint.resume: auto -> the newest checkpoint that loads and passes check (a
+        truncated or corrupt one is reported and skipped; so is one that check refuses), a new
+        run if there is none; latest -> the same, but one must exist; never -> a new run,
+        refusing a run folder with checkpoints; else a checkpoint folder path. Raises
+        CheckpointError (also when the loader's position belongs to other data, another seed or
+        block_size), or ConfigError when the checkpoints cannot continue this run (check)."""
+        if self.accelerator.is_main_process:
+            remove_unfinished(self.run_dir)
+        self.accelerator.wait_for_everyone()
+        path, saved = self._load(model, optimizer, check)
+        state = RunState()
+        if saved is not None:
+            try:
+                loader.load_state_dict(saved["loader"])
+            except ValueError as e:  # other data, seed or block_size: the sample order differs
+                raise CheckpointError(
+                    f"{path}: {e}, or start a new run (another trainer.run_name)"
+                ) from e
+            state.load_state_dict(saved)
+        return path, state
+
+    def _load(
+        self, model: GPT, optimizer: Optimizers, check: Check
+    ) -> tuple[Path | None, dict | None]:
+        """Load per checkpoint.resume (see restore): (folder, state.json) or (None, None)."""
+        resume, run_dir = self.cfg.resume, self.run_dir
+        if resume == "never":
+            if list_checkpoints(run_dir):
+                raise CheckpointError(
+                    f"{run_dir} already has checkpoints and checkpoint.resume=never: use "
+                    "checkpoint.resume=auto to continue it, or another trainer.run_name"
+                )
+            return None, None
+        if resume in ("auto", "latest"):
+            loaded = load_newest_good(run_dir, model, optimizer.raw, self.say, check)
+            if loaded is None and resume == "latest":
+                raise CheckpointError(
+                    f"checkpoint.resume=latest but {run_dir} has no complete checkpoint: check "
+                    "trainer.run_name and trainer.runs_dir, or start it with "
+                    "checkpoint.resume=auto"
+                )
+            return loaded or (None, None)
+        path = resolve_checkpoint(resume)
+        reason = check(read_state(path))
+        if reason is not None:
+            raise ConfigError([f"checkpoint.resume={resume}: {reason}"])
+        return path, load_checkpoint(path, model, optimizer.raw)
+
+    def save(
+        self, state: RunState, model: GPT, optimizer: Optimizers, loader: TrainLoader
+    ) -> Path | None:
+        """Checkpoint the run at state.step: the main process writes, every process waits
+        (collective). Returns the folder on the main process, None elsewhere."""
+        path, acc = None, self.accelerator
+        agree = self._replicas_agree(model)
+        if agree is False:
+            self.say("warning: model weights differ between processes")
+        if acc.is_main_process or self.fsdp:  # gathering shards is collective
+            model_state, optimizer_state = full_state(model, optimizer.raw)
+        if acc.is_main_process:
+            stable = self.last_stable_step is not None and state.step <= self.last_stable_step
+            extra = {
+                "loader": loader.state_dict(),
+                "config": self.config,
+                "max_steps": self.max_steps,
+                "extendable": stable,  # taken before a WSD run's decay
+                "world_size": acc.num_processes,
+                "replicas_agree": agree,
+            }
+            path = save_checkpoint(self.run_dir, state.step, model_state, optimizer_state,
+                                   {**state.state_dict(), **extra}, self.cfg.keep_last)  # fmt: skip
+            self.say(f"saved checkpoint {path}")
+        acc.wait_for_everyone()
+        return path
+
+    def _replicas_agree(self, model: GPT) -> bool | None:
+        """Whether every process holds the same weights, as data parallelism promises: per
+        tensor float64 sums, gathered from all ranks and compared exactly (collective). None
+        under FSDP, where each process holds a different shard by design."""
+        if self.fsdp:
+            return None
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        gathered = self.accelerator.gather(sums).view(self.accelerator.num_processes, -1)
+        return bool((gathered == gathered[0]).all())
