@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 
 from pipeline.config import register_configs, to_dataclass
 from pipeline.errors import guard
-from pipeline.evaluation.evaluate import SUMMARY, describe, evaluate
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.reports import SUMMARY, describe
 
 register_configs()
 

@@ -1,4 +1,4 @@
-"""Entry point: `python -m pipeline.hf`. See pipeline.interop.hf."""
+"""Entry point: `python -m pipeline.hf`. See pipeline.interop.hf_export."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 from collections.abc import Sequence
 
 from pipeline.errors import guard
-from pipeline.interop.hf import CONFIG, WEIGHTS, export_hf, push_hf
+from pipeline.interop.hf import CONFIG, WEIGHTS
+from pipeline.interop.hf_export import export_hf, push_hf
 
 
 def _parser() -> argparse.ArgumentParser:

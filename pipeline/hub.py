@@ -6,13 +6,8 @@ import argparse
 from collections.abc import Sequence
 
 from pipeline.errors import guard
-from pipeline.interop.hub import (
-    LOGIN_HINT,
-    download_shards,
-    pull_checkpoint,
-    push_checkpoint,
-    upload_shards,
-)
+from pipeline.interop.hub import download_shards, pull_checkpoint, push_checkpoint, upload_shards
+from pipeline.interop.hub_errors import LOGIN_HINT
 from pipeline.training.checkpoint import resolve_checkpoint
 
 

@@ -1,28 +1,34 @@
-"""HellaSwag on the real validation items: both file layouts, scores checked against direct
-model calls, independence from batching, sharding and compilation, and the evaluate stage's
-JSON and Markdown reports."""
+"""HellaSwag on the real validation items: both file layouts, the default file's atomic
+download, scores checked against direct model calls, independence from batching, sharding and
+compilation, and the evaluate stage's JSON and Markdown reports."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import small_config
+from helpers.tiny import small_config
 
 from pipeline.config import EvaluateConfig
 from pipeline.data.tokenizer import get_encoding
 from pipeline.errors import HellaSwagError
-from pipeline.evaluation.evaluate import evaluate, read_results
+from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.hellaswag import (
     Item,
     candidate_losses,
     encode_item,
     evaluate_hellaswag,
     load_items,
+    resolve_path,
 )
+from pipeline.evaluation.reports import read_results
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import list_checkpoints
 from pipeline.training.loop import train
@@ -94,6 +100,24 @@ def test_malformed_lines_are_named_with_file_and_line(tmp_path, line, message):
         load_items(path)
     with pytest.raises(HellaSwagError, match="does not exist"):
         load_items(tmp_path / "missing.jsonl")
+
+
+def test_the_default_file_is_downloaded_whole_or_not_at_all(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "gpt2-fineweb-pipeline" / "hellaswag"
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(HellaSwagError, match="without network pass the file"):
+        resolve_path(None)
+    assert list(folder.iterdir()) == []  # no partial download left behind
+    row = (json.dumps(UPSTREAM_ROW) + "\n").encode()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(row))
+    path = resolve_path(None)
+    assert path == folder / "hellaswag_val.jsonl" and os.listdir(folder) == [path.name]
+    assert load_items(path)[0].label == 3 and resolve_path(str(path)) == path
 
 
 def direct_losses(model: GPT, item: Item) -> tuple[list[float], list[float]]:
@@ -172,12 +196,15 @@ def test_evaluate_writes_both_tasks_and_markdown_reports(sample_shards, shared_d
     train(small_config(sample_shards, tmp_path, max_steps=2, checkpoint_interval=1, eval_tokens=0))
     run_dir = tmp_path / "run"
     step1, step2 = list_checkpoints(run_dir)
-    cfg = EvaluateConfig(checkpoint=str(step2), eval_tokens=2048, sample_tokens=0)
-    # set as attributes: works whether or not EvaluateConfig declares these fields
-    cfg.tasks = ["val_loss", "hellaswag"]
-    cfg_path = str(shared_data / "hellaswag" / "hellaswag_val_klosax.jsonl")
-    cfg.hellaswag_path = cfg_path
-    cfg.hellaswag_limit = 20
+    path = str(shared_data / "hellaswag" / "hellaswag_val_klosax.jsonl")
+    cfg = EvaluateConfig(
+        checkpoint=str(step2),
+        tasks=["val_loss", "hellaswag"],
+        hellaswag_path=path,
+        hellaswag_limit=20,
+        eval_tokens=2048,
+        sample_tokens=0,
+    )
     r = evaluate(cfg)
     saved = json.loads((run_dir / "eval" / "step_0000002.json").read_text())
     assert saved["val_loss"] == r["val_loss"] and saved["tasks"] == ["val_loss", "hellaswag"]
@@ -201,8 +228,14 @@ def test_evaluate_writes_both_tasks_and_markdown_reports(sample_shards, shared_d
     assert f"| {early['val_loss']:.4f} |" in rows[0] and rows[0].endswith("| – | – | – |")
     assert rows[1].endswith(f"| {hs['acc']:.4f} | {hs['acc_norm']:.4f} | 20 |")
     # HellaSwag alone on the earlier checkpoint keeps its validation loss
-    cfg = EvaluateConfig(checkpoint=str(step1), eval_tokens=2048, sample_tokens=0)
-    cfg.tasks, cfg.hellaswag_path, cfg.hellaswag_limit = ["hellaswag"], cfg_path, 10
+    cfg = EvaluateConfig(
+        checkpoint=str(step1),
+        tasks=["hellaswag"],
+        hellaswag_path=path,
+        hellaswag_limit=10,
+        eval_tokens=2048,
+        sample_tokens=0,
+    )
     both = evaluate(cfg)
     assert both["tasks"] == ["val_loss", "hellaswag"] and both["hellaswag"]["n"] == 10
     assert both["val_loss"] == early["val_loss"] and both["eval_tokens"] == early["eval_tokens"]

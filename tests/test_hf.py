@@ -1,16 +1,20 @@
 """Hugging Face format: our GPT exported, loaded by transformers with equal logits, imported
-back; the real GPT-2 shapes map both ways; the evaluate stage reads an exported folder."""
+back; a failed export leaves no partial files; the real GPT-2 shapes map both ways; the evaluate
+stage reads an exported folder."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from runs import final_weights
+from helpers.runs import final_weights
+from helpers.tiny import small_config
 from safetensors.torch import load_file
-from test_train import small_config
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from pipeline.config import EvaluateConfig
@@ -19,16 +23,16 @@ from pipeline.errors import USER_ERROR, HFError, guard
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.hellaswag import evaluate_hellaswag, load_items
 from pipeline.hf import main as hf_main
+from pipeline.interop import hf_export
 from pipeline.interop.hf import (
     BUFFERS,
-    export_hf,
     from_hf_state_dict,
     hf_config,
     load_hf_dir,
     model_config_from_hf,
-    push_hf,
     to_hf_state_dict,
 )
+from pipeline.interop.hf_export import export_hf, push_hf
 from pipeline.model import GPT, PRESETS, ModelConfig
 from pipeline.training.loop import train
 
@@ -118,6 +122,28 @@ def test_real_gpt2_shapes_map_both_ways(preset):
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in weights.items()}
 
 
+def test_a_failed_export_leaves_no_partial_files(
+    model, exported, shared_data, tmp_path, monkeypatch
+):
+    out = Path(shutil.copytree(exported, tmp_path / "out"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(HFError, match="none of encoder.json"):
+        export_hf(model, out, tokenizer_dir=tmp_path / "empty")  # checked before any write
+
+    def disk_full(src, dest):
+        Path(dest).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    # the weights and config.json are written, then copying the tokenizer fails
+    monkeypatch.setattr(hf_export, "shutil", SimpleNamespace(copyfile=disk_full))
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(model, out, tokenizer_dir=shared_data / "gpt2")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(model, tmp_path / "fresh", tokenizer_dir=shared_data / "gpt2")
+    assert not any((tmp_path / "fresh").iterdir())
+
+
 def test_tokenizer_files_match_tiktoken(exported, shared_data):
     text = (shared_data / "text" / "the-verdict.txt").read_text()[:2000]
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -127,10 +153,13 @@ def test_tokenizer_files_match_tiktoken(exported, shared_data):
 
 def test_evaluate_reads_an_exported_folder(model, exported, shared_data):
     path = shared_data / "hellaswag" / "hellaswag_val_klosax.jsonl"
-    cfg = EvaluateConfig(sample_tokens=0)
-    # set as attributes: works whether or not EvaluateConfig declares these fields
-    cfg.pretrained, cfg.tasks = str(exported), ["hellaswag"]
-    cfg.hellaswag_path, cfg.hellaswag_limit = str(path), 6
+    cfg = EvaluateConfig(
+        pretrained=str(exported),
+        tasks=["hellaswag"],
+        hellaswag_path=str(path),
+        hellaswag_limit=6,
+        sample_tokens=0,
+    )
     result = evaluate(cfg)
     direct = evaluate_hellaswag(model, load_items(path, limit=6), batch_items=8)
     assert {k: result["hellaswag"][k] for k in direct} == direct

@@ -9,23 +9,27 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
 import pytest
 import torch
+from helpers.proc import run_module
 
-from pipeline.data.shards import HEADER_BYTES, MANIFEST, load_manifest
+from pipeline.data.shards import (
+    HEADER_BYTES,
+    MANIFEST,
+    load_manifest,
+    shard_problems,
+    verify_shard_folder,
+)
 from pipeline.errors import USER_ERROR, HubError, ShardError, guard
 from pipeline.hub import main as hub_main
 from pipeline.interop import hub
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import full_state, list_checkpoints, read_state, save_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = "tiny_run"
 
 
@@ -127,8 +131,8 @@ def test_upload_refuses_corrupt_shard_before_any_hub_call(shard_copy: Path, no_t
 
 
 def test_verify_accepts_a_faithful_copy(sample_shards: Path, shard_copy: Path) -> None:
-    assert hub.shard_problems(shard_copy) == {}
-    assert hub.verify_shard_folder(shard_copy) == load_manifest(sample_shards)
+    assert shard_problems(shard_copy) == {}
+    assert verify_shard_folder(shard_copy) == load_manifest(sample_shards)
 
 
 def test_verify_names_truncated_and_altered_shards(shard_copy: Path) -> None:
@@ -137,9 +141,9 @@ def test_verify_names_truncated_and_altered_shards(shard_copy: Path) -> None:
     truncated.write_bytes(truncated.read_bytes()[:-2])  # one token short of its header
     flip_byte(altered, altered.stat().st_size - 1)
 
-    assert set(hub.shard_problems(shard_copy)) == {names[0], names[-1]}
+    assert set(shard_problems(shard_copy)) == {names[0], names[-1]}
     with pytest.raises(ShardError, match="2 shard") as info:
-        hub.verify_shard_folder(shard_copy)
+        verify_shard_folder(shard_copy)
     message = str(info.value)
     assert f"{truncated}: " in message and "truncated or corrupt" in message
     assert f"{altered}: sha256 differs" in message
@@ -151,7 +155,7 @@ def test_verify_rejects_a_manifest_pointing_outside_its_folder(shard_copy: Path)
     manifest["shards"][0]["file"] = "../elsewhere.bin"
     (shard_copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="plain file"):
-        hub.verify_shard_folder(shard_copy)
+        verify_shard_folder(shard_copy)
 
 
 def test_stale_remote_files_and_dataset_names() -> None:
@@ -353,12 +357,6 @@ def test_cli_errors_are_one_line_and_exit_2(
 
 
 def test_cli_process_exit_status(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.hub", "upload-shards", str(tmp_path), "user/shards"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_module("hub", "upload-shards", str(tmp_path), "user/shards", timeout=60)
     assert proc.returncode == USER_ERROR
     assert proc.stderr.startswith("error: not uploading")

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.proc import run_module
+from helpers.tiny import small_config
 from hydra import compose, initialize_config_dir
-from test_train import small_config
 
-from pipeline.config import SampleConfig, conf_dir, to_dataclass
+from pipeline.config import SampleConfig, conf_dir, register_configs, to_dataclass
 from pipeline.errors import ConfigError
 from pipeline.evaluation.sample import sample
 from pipeline.training.loop import train
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The meaning of life is, in short,"  # a comma: Hydra needs the value quoted
 
 
@@ -28,12 +26,7 @@ def run_dir(sample_shards, tmp_path_factory) -> Path:
 
 
 def sample_cli(*overrides: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.sample", *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    done = run_module("sample", *overrides)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -60,6 +53,7 @@ def test_seeded_samples_repeat_and_differ_between_seeds(run_dir):
 
 
 def test_sample_config_composes_and_validates():
+    register_configs()  # as `python -m pipeline.sample` does
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = to_dataclass(compose("sample", ["checkpoint=runs/demo", "top_k=null"]))
     assert isinstance(cfg, SampleConfig) and cfg.top_k is None and cfg.problems() == []

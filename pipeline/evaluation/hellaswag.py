@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from pipeline.data.tokenizer import EOT, get_encoding
 from pipeline.errors import HellaSwagError
-from pipeline.model import ModelConfig
+from pipeline.files import atomic_path
+from pipeline.training.runtime import unwrap_model
 
 UPSTREAM_VAL_URL = (
     "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -160,25 +161,26 @@ def default_path() -> Path:
 
 def resolve_path(path: str | os.PathLike | None) -> Path:
     """`path` itself, or (None) default_path(), downloaded from UPSTREAM_VAL_URL when missing
-    (written under a temporary name, then renamed). Raises HellaSwagError when the download
-    fails (e.g. offline), saying which path to pass instead."""
+    (atomically, through pipeline.files: never a partial file). Raises HellaSwagError when the
+    download fails (e.g. offline), saying which path to pass instead."""
     if path is not None:
         return Path(path)
     dest = default_path()
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
     try:
-        with urllib.request.urlopen(UPSTREAM_VAL_URL, timeout=60) as r, open(tmp, "wb") as f:
+        with (
+            urllib.request.urlopen(UPSTREAM_VAL_URL, timeout=60) as r,
+            atomic_path(dest) as tmp,
+            open(tmp, "wb") as f,
+        ):
             shutil.copyfileobj(r, f)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise HellaSwagError(
             f"downloading {UPSTREAM_VAL_URL} failed ({e}); without network pass the file, e.g. "
             "hellaswag_path=../shared/data/hellaswag/hellaswag_val_klosax.jsonl"
         ) from None
-    os.replace(tmp, dest)
     return dest
 
 
@@ -233,17 +235,8 @@ def collate(
 # --------------------------------------------------------------------------- scoring
 
 
-def _gpt_config(model: torch.nn.Module) -> ModelConfig:
-    """The ModelConfig of a GPT, also under torch.compile (`_orig_mod`) or DDP (`module`)."""
-    inner = model
-    while not hasattr(inner, "cfg"):
-        inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
-        if inner is None:
-            raise TypeError(f"expected a pipeline.model.GPT, got {type(model).__name__}")
-    return inner.cfg
-
-
 def _is_compiled(model: torch.nn.Module) -> bool:
+    """Whether model is a torch.compile wrapper (which recompiles for every new input shape)."""
     return hasattr(model, "_orig_mod")
 
 
@@ -260,7 +253,7 @@ def candidate_losses(
 
     The softmax runs over the model's real vocabulary (vocab_size columns), not its padding.
     """
-    vocab_size = _gpt_config(model).vocab_size
+    vocab_size = unwrap_model(model).cfg.vocab_size
     x, y, mask = (t.to(device) for t in collate(batch, seq_len))
     with autocast():
         logits, _ = model(x, all_logits=True)  # (B, T, V)
@@ -311,7 +304,7 @@ def evaluate_hellaswag(
     """
     if not items:
         raise ValueError("no HellaSwag items to score")
-    cfg = _gpt_config(model)
+    cfg = unwrap_model(model).cfg
     fixed = _is_compiled(model) if fixed_shape is None else fixed_shape
     enc = get_encoding()
     # encode_ordinary equals llm.c's enc.encode on this text (it has no special tokens).

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pipeline.config import SampleConfig
 from pipeline.data.tokenizer import get_encoding
 from pipeline.errors import raise_if
-from pipeline.evaluation.evaluate import load_for_eval
+from pipeline.evaluation.loading import load_for_eval
 from pipeline.evaluation.scoring import generate_text
 from pipeline.training.runtime import resolve_device
 

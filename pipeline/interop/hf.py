@@ -1,4 +1,5 @@
-"""OpenAI GPT-2 weights in, Hugging Face `GPT2LMHeadModel` folders out.
+"""The Hugging Face GPT-2 format: OpenAI's GPT-2 weights and `GPT2LMHeadModel` folders in,
+state dicts and configs both ways.
 
 Our parameter names mirror Hugging Face's (`transformer.wte.weight`, `transformer.h.0.attn.
 c_attn.weight`, ...), so a conversion is a key-by-key copy with two differences:
@@ -13,29 +14,24 @@ model.safetensors has no `transformer.` prefix and carries the causal-mask buffe
 `h.N.attn.bias` (skipped); files saved by `save_pretrained` have the prefix and no
 `lm_head.weight` (tied to `transformer.wte.weight`).
 
-Command line:
-  python -m pipeline.hf export runs/NAME[/checkpoints/step_NNNNNNN] OUT_DIR [--tokenizer-dir D]
-  python -m pipeline.hf push OUT_DIR USER/REPO [--public]
+Writing such folders and pushing them: pipeline.interop.hf_export.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.data.tokenizer import EOT, VOCAB_SIZE
 from pipeline.errors import HFError
-from pipeline.interop.hub import _hub_errors, _prepare_repo, _token
+from pipeline.interop.hub_errors import hub_errors
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint import load_model as load_checkpoint_model
-from pipeline.training.runtime import unwrap_model
 
 OPENAI_MODELS = {
     "gpt2": "openai-community/gpt2",  # 124M
@@ -75,8 +71,8 @@ def from_hf_state_dict(
     targets, generation masks their logits, and training pushes their logits down. They do give
     the padding columns logit 0, which a softmax over all columns counts (GPT-2's logits are
     mostly well below 0), so a loss of imported weights must be taken over the first vocab_size
-    columns (pipeline.hellaswag does) or the weights loaded with padded_vocab_size=None (as
-    pipeline.evaluate and pipeline.sample do).
+    columns (pipeline.evaluation.hellaswag does) or the weights loaded with
+    padded_vocab_size=None (as pipeline.evaluation.loading does for evaluate and sample).
     Raises HFError for a missing token embedding or an output layer not tied to it.
     """
     out: dict[str, torch.Tensor] = {}
@@ -229,115 +225,9 @@ def load_openai_gpt2(
     unreadable files) or HubError (download failed, not cached).
     """
     repo = openai_repo(name)
-    with _hub_errors("downloading", repo, "model"):
+    with hub_errors("downloading", repo, "model"):
         paths = [
             Path(hf_hub_download(repo, f, revision=revision, cache_dir=cache_dir))
             for f in (CONFIG, WEIGHTS)
         ]
     return _read(*paths, padded_vocab_size)
-
-
-def load_model(source: GPT | torch.nn.Module | str | os.PathLike) -> tuple[GPT, Path | None]:
-    """A GPT and the checkpoint it came from (None for a model passed in): a model (also
-    compiled or DDP-wrapped), a checkpoint folder or a run folder (its newest checkpoint).
-    Raises CheckpointError."""
-    if isinstance(source, torch.nn.Module):
-        try:
-            return unwrap_model(source), None
-        except TypeError as e:
-            raise HFError(str(e)) from None
-    model, ckpt, _ = load_checkpoint_model(source)
-    return model, ckpt
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-TOKENIZER_FILES = {"vocab.json": ("encoder.json", "vocab.json"), "merges.txt": ("vocab.bpe",)}
-"""HF file name -> the names it has in OpenAI's release (encoder.json, vocab.bpe) or HF's."""
-
-
-def write_tokenizer(tokenizer_dir: str | os.PathLike, out_dir: Path, max_length: int) -> None:
-    """GPT-2 tokenizer files of HF's GPT2Tokenizer (vocab.json, merges.txt, tokenizer_config
-    .json) from OpenAI's encoder.json and vocab.bpe (or HF's names) in tokenizer_dir.
-    Raises HFError when they are missing."""
-    src = Path(tokenizer_dir)
-    for target, names in TOKENIZER_FILES.items():
-        found = next((src / n for n in names if (src / n).is_file()), None)
-        if found is None:
-            raise HFError(f"{src} has none of {', '.join(names)}: pass the GPT-2 tokenizer files")
-        _write_atomic(out_dir / target, lambda tmp, f=found: shutil.copyfile(f, tmp))
-    special = "<|endoftext|>"
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": max_length,
-        "bos_token": special,
-        "eos_token": special,
-        "unk_token": special,
-        "add_prefix_space": False,
-        "add_bos_token": False,
-    }
-    _write_atomic(out_dir / "tokenizer_config.json", lambda t: t.write_text(json.dumps(config)))
-
-
-def export_hf(
-    checkpoint_or_model: GPT | torch.nn.Module | str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    tokenizer_dir: str | os.PathLike | None = None,
-) -> Path:
-    """Write a GPT (or a checkpoint / run folder's newest checkpoint) as a GPT2LMHeadModel
-    folder: config.json and model.safetensors (float32, vocabulary cut to vocab_size, tied
-    lm_head stored once as `transformer.wte.weight`, as save_pretrained does), plus the tokenizer
-    files when tokenizer_dir holds OpenAI's encoder.json and vocab.bpe. Each file is written
-    under a temporary name and renamed. `transformers.GPT2LMHeadModel.from_pretrained(out_dir)`
-    loads it. Returns out_dir. Raises CheckpointError or HFError."""
-    model, _ = load_model(checkpoint_or_model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf_state_dict(model.state_dict(), model.cfg.vocab_size)
-    _write_atomic(out / WEIGHTS, lambda t: save_file(tensors, t, metadata={"format": "pt"}))
-    config = json.dumps(hf_config(model.cfg), indent=2)
-    _write_atomic(out / CONFIG, lambda t: t.write_text(config))
-    if tokenizer_dir is not None:
-        write_tokenizer(tokenizer_dir, out, model.cfg.block_size)
-    return out
-
-
-def push_hf(
-    out_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = True
-) -> str:
-    """Upload an export_hf folder (its config, weights, tokenizer files and README.md if any,
-    not an `eval/` folder beside them) to model repo `repo_id` (created, private by default,
-    when missing) in one commit; returns the commit URL. Raises HFError (not an exported folder) or
-    HubError (no token, hub or network failure)."""
-    folder = Path(out_dir)
-    missing = [n for n in (CONFIG, WEIGHTS) if not (folder / n).is_file()]
-    if missing:
-        raise HFError(f"{folder} has no {', '.join(missing)}: run `python -m pipeline.hf export`")
-    api = HfApi(token=_token(token))
-    with _hub_errors("pushing to", repo_id, "model"):
-        _prepare_repo(api, repo_id, "model", private, None)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="model",
-            folder_path=folder,
-            allow_patterns=[
-                CONFIG,
-                WEIGHTS,
-                "tokenizer_config.json",
-                "README.md",
-                *TOKENIZER_FILES,
-            ],
-            commit_message=f"GPT-2 weights from {folder.name}",
-        )
-    return str(getattr(info, "commit_url", info))
-
-
-# --------------------------------------------------------------------------- command line

@@ -11,34 +11,32 @@ Checkpoints go to a model repo as `checkpoints/<run_name>/step_NNNNNNN/` (model.
 optimizer.pt, rng.pt, then state.json); a pull puts one back at
 `<runs_dir>/<run_name>/checkpoints/step_NNNNNNN/`, where `checkpoint.resume=auto` finds it.
 
-The pure parts (which files to send, checking a folder against its manifest, path mapping) are
-separate from the few huggingface_hub calls; every hub failure becomes a HubError that says
-what to do. Command line: `python -m pipeline.hub --help`.
+The pure parts (which files to send, path mapping; the manifest checks are
+pipeline.data.shards') are separate from the few huggingface_hub calls; every hub failure
+becomes a HubError that says what to do (pipeline.interop.hub_errors). Command line:
+`python -m pipeline.hub --help`.
 """
 
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
-    get_token,
     snapshot_download,
 )
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import errors as hf_errors
 
-from pipeline.data.shards import MANIFEST, load_manifest, read_num_tokens
+from pipeline.data.shards import MANIFEST, listed_shards, shard_problems, verify_shard_folder
 from pipeline.errors import CheckpointError, HubError, ShardError
-from pipeline.files import fsync_dir, sha256_file
+from pipeline.files import fsync_dir, is_plain_name
+from pipeline.interop.hub_errors import RETRY_HINT, hub_errors, require_token
 from pipeline.training.checkpoint import (
     STATE,
     STEP_DIR,
@@ -47,8 +45,6 @@ from pipeline.training.checkpoint import (
     verify_checksums,
 )
 
-LOGIN_HINT = "run `hf auth login` (older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
-RETRY_HINT = "run the same command again: files already on the hub or on disk are not sent twice"
 DOWNLOAD_DIR = ".hub_download"
 """Staging folder of a checkpoint pull, inside `<run>/checkpoints/` (not a `step_*` name)."""
 
@@ -58,67 +54,16 @@ DOWNLOAD_DIR = ".hub_download"
 
 def _plain_name(name: str, what: str) -> str:
     """name itself when it is a single path component. Raises HubError otherwise."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
+    if not is_plain_name(name):
         raise HubError(f"{what} {name!r} must be a plain file or folder name, without '/'")
     return name
-
-
-def listed_shards(manifest: dict) -> list[str]:
-    """File names of the shards a manifest lists, in manifest order.
-
-    Raises ShardError when an entry is not a plain file name (a manifest from elsewhere must
-    not make us read or write outside its folder)."""
-    names = []
-    for entry in manifest["shards"]:
-        try:
-            names.append(_plain_name(entry["file"], "shard file"))
-        except HubError as e:
-            raise ShardError(f"{MANIFEST}: {e}") from None
-    return names
-
-
-def shard_problems(shard_dir: str | os.PathLike) -> dict[str, str]:
-    """Every shard of the folder that does not match its manifest: {file name: problem}.
-
-    Checks, per listed shard: present, llm.c header, file size = header's token count, token
-    count = manifest's, sha256 (so it reads every byte).
-    Returns {} for a complete folder. Raises ShardError when the manifest is missing (prepare
-    did not finish) or unreadable."""
-    shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir)
-    listed_shards(manifest)  # rejects path-like names before any file is opened
-    problems = {}
-    for entry in manifest["shards"]:
-        path = shard_dir / entry["file"]
-        try:
-            tokens = read_num_tokens(path)
-        except ShardError as e:
-            problems[entry["file"]] = str(e)
-            continue
-        if tokens != entry["tokens"]:
-            problems[entry["file"]] = f"{path}: {tokens} tokens, {MANIFEST} says {entry['tokens']}"
-        elif sha256_file(path) != entry["sha256"]:
-            problems[entry["file"]] = f"{path}: sha256 differs from {MANIFEST} (altered bytes)"
-    return problems
-
-
-def verify_shard_folder(shard_dir: str | os.PathLike) -> dict:
-    """Check every listed shard against the manifest (see shard_problems); returns the manifest.
-    Raises ShardError naming every file that does not match, or a missing manifest."""
-    problems = shard_problems(shard_dir)
-    if problems:
-        raise ShardError(
-            f"{len(problems)} shard(s) of {shard_dir} do not match {MANIFEST}:\n  "
-            + "\n  ".join(problems.values())
-        )
-    return load_manifest(shard_dir)
 
 
 def files_to_upload(shard_dir: str | os.PathLike) -> list[str]:
     """Names (relative to shard_dir) to publish: the listed shards, then manifest.json last.
 
     Never `.progress.json`, `*.tmp` or files the manifest does not list. Verifies the folder
-    first (verify_shard_folder: reads every byte). Raises ShardError."""
+    first (pipeline.data.shards.verify_shard_folder: reads every byte). Raises ShardError."""
     return [*listed_shards(verify_shard_folder(shard_dir)), MANIFEST]
 
 
@@ -210,81 +155,6 @@ def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step
 # --------------------------------------------------------------------------- hub calls
 
 
-def _token(token: str | None) -> str:
-    """An explicit token, else the one of `hf auth login` or HF_TOKEN. Raises HubError."""
-    token = token or get_token()
-    if not token:
-        raise HubError(f"uploading needs a Hugging Face token with write access: {LOGIN_HINT}")
-    return token
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """Connection and timeout errors of the HTTP client this huggingface_hub version uses."""
-    found = []
-    for module, names in (
-        ("httpx2", ("TransportError",)),
-        ("httpx", ("TransportError",)),
-        ("requests", ("ConnectionError", "Timeout")),
-    ):
-        try:
-            found += [getattr(importlib.import_module(module), n) for n in names]
-        except (ImportError, AttributeError):
-            pass
-    return tuple(found)
-
-
-def _http_status(error: BaseException) -> int | None:
-    return getattr(getattr(error, "response", None), "status_code", None)
-
-
-def _explain(error: BaseException, action: str, repo: str) -> str:
-    """What went wrong in a hub call and what to do, for the usual huggingface_hub errors."""
-    if isinstance(error, hf_errors.OfflineModeIsEnabled):
-        return f"{action} {repo}: HF_HUB_OFFLINE=1 forbids network access; unset HF_HUB_OFFLINE"
-    if isinstance(error, hf_errors.LocalEntryNotFoundError):
-        return (
-            f"{action} {repo}: the hub cannot be reached (offline: no network, or HF_HUB_OFFLINE=1)"
-            " and nothing is cached; check the network connection, unset HF_HUB_OFFLINE, retry"
-        )
-    if isinstance(error, hf_errors.RepositoryNotFoundError):
-        return (
-            f"{action} {repo}: not found, or private and not readable with your token; check the "
-            f"name (USER/NAME) and, for a private repo, {LOGIN_HINT}"
-        )
-    if isinstance(error, hf_errors.RevisionNotFoundError):
-        return f"{action} {repo}: no such revision (branch, tag or commit); check --revision"
-    if isinstance(error, hf_errors.HFValidationError):
-        return f"{action} {repo}: invalid repo id or revision ({error}); use USER/NAME"
-    status = _http_status(error)
-    if status == 401:
-        return f"{action} {repo}: the token was refused (HTTP 401); log in again: {LOGIN_HINT}"
-    if status == 403:
-        return (
-            f"{action} {repo}: not allowed (HTTP 403); use a token with write access "
-            "(https://huggingface.co/settings/tokens) and a namespace you own"
-        )
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, hf_errors.HfHubHTTPError):
-        return f"{action} {repo}: the hub answered with an error ({first_line}); {RETRY_HINT}"
-    return f"{action} {repo}: network error ({first_line}); check the connection and {RETRY_HINT}"
-
-
-@contextmanager
-def _hub_errors(action: str, repo_id: str, repo_type: str) -> Iterator[None]:
-    """Turn huggingface_hub and network errors inside the block into a HubError."""
-    known = (
-        hf_errors.OfflineModeIsEnabled,
-        hf_errors.LocalEntryNotFoundError,
-        hf_errors.HfHubHTTPError,
-        hf_errors.HFValidationError,
-        *_network_errors(),
-    )
-    try:
-        yield
-    except known as e:
-        raise HubError(_explain(e, action, f"{repo_type} repo {repo_id}")) from e
-
-
 def _publish(
     api: HfApi,
     repo_id: str,
@@ -321,7 +191,7 @@ def _publish(
     return info.commit_url
 
 
-def _prepare_repo(
+def prepare_repo(
     api: HfApi, repo_id: str, repo_type: str, private: bool, revision: str | None
 ) -> None:
     """Create the repo (and branch `revision`) unless it exists. Raises huggingface_hub errors."""
@@ -351,13 +221,13 @@ def upload_shards(
     except ShardError as e:
         raise HubError(f"not uploading {shard_dir}: {e}") from None
     name = shard_dir.resolve().name
-    api = HfApi(token=_token(token))
+    api = HfApi(token=require_token(token))
     size = sum((shard_dir / f).stat().st_size for f in files)
     print(
         f"uploading {shard_dir}: {len(files) - 1} shards, {size / 1e9:.2f} GB -> {repo_id}/{name}"
     )
-    with _hub_errors("uploading to", repo_id, "dataset"):
-        _prepare_repo(api, repo_id, "dataset", private, revision)
+    with hub_errors("uploading to", repo_id, "dataset"):
+        prepare_repo(api, repo_id, "dataset", private, revision)
         url = _publish(api, repo_id, "dataset", shard_dir, name, files, revision)
     print(f"uploaded {name}: {url}")
     return url
@@ -403,7 +273,7 @@ def download_shards(
     for bad, problem in (problems or {}).items():
         print(f"fetching again: {problem}")
         (folder / bad).unlink(missing_ok=True)
-    with _hub_errors("downloading from", repo_id, "dataset"):
+    with hub_errors("downloading from", repo_id, "dataset"):
         snapshot_download(
             repo_id,
             repo_type="dataset",
@@ -452,10 +322,10 @@ def push_checkpoint(
     except CheckpointError as e:
         raise HubError(f"not pushing {path}: {e}") from None
     dest = path_in_repo or repo_checkpoint_path(checkpoint_run_name(path, state), state["step"])
-    api = HfApi(token=_token(token))
+    api = HfApi(token=require_token(token))
     print(f"pushing {path} -> {repo_id}/{dest}")
-    with _hub_errors("pushing to", repo_id, "model"):
-        _prepare_repo(api, repo_id, "model", private, None)
+    with hub_errors("pushing to", repo_id, "model"):
+        prepare_repo(api, repo_id, "model", private, None)
         url = _publish(api, repo_id, "model", path, dest.strip("/"), checkpoint_files(state), None)
     print(f"pushed {dest}: {url}")
     return url
@@ -496,7 +366,7 @@ def pull_checkpoint(
     """
     if step is not None and _complete_checkpoint(local_checkpoint_path(runs_dir, run_name, step)):
         return _already_here(local_checkpoint_path(runs_dir, run_name, step))
-    with _hub_errors("pulling from", repo_id, "model"):
+    with hub_errors("pulling from", repo_id, "model"):
         files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
     step = choose_step(remote_checkpoint_steps(files, run_name), step, f"{repo_id} run {run_name}")
     final = local_checkpoint_path(runs_dir, run_name, step)
@@ -504,7 +374,7 @@ def pull_checkpoint(
         return _already_here(final)
     staging = final.parent / DOWNLOAD_DIR
     source = repo_checkpoint_path(run_name, step)
-    with _hub_errors("pulling from", repo_id, "model"):
+    with hub_errors("pulling from", repo_id, "model"):
         snapshot_download(
             repo_id,
             revision=revision,
