@@ -10,29 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.model import PRESETS
-from pipeline.tools.bench import (
-    NO_GPU,
-    Device,
-    RunInfo,
-    TrainResult,
-    bench_loader,
-    bench_loss,
-    bench_memory,
-    bench_prepare,
-    bench_train,
-    documents_source,
-    main,
-    merge_benchmarks,
-    pool_runs,
-    render_loader,
-    render_loss,
-    render_memory,
-    render_prepare,
-    render_section,
-    render_train,
-)
-from pipeline.tools.plan import GIB, estimate_memory
+from pipeline.tools.bench import main
+from pipeline.tools.bench.host import Device
+from pipeline.tools.bench.loader import bench_loader, render_loader
+from pipeline.tools.bench.loss import bench_loss, render_loss
+from pipeline.tools.bench.memory import bench_memory, render_memory
+from pipeline.tools.bench.prepare import bench_prepare, documents_source, render_prepare
+from pipeline.tools.bench.render import NO_GPU, RunInfo, merge_benchmarks, render_section
+from pipeline.tools.bench.train import TrainResult, bench_train, pool_runs, render_train
+from pipeline.tools.memory import GIB, estimate_memory
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +110,7 @@ def test_command_line_writes_the_markdown_file(tmp_path):
     text = out.read_text()
     assert text.startswith("# Benchmarks") and "### loader" in text and "### memory" in text
     assert "### prepare" not in text and "### train" not in text
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--only 'nothing'"):
         main(["--only", "nothing", "--out", str(out)])
 
 

@@ -3,19 +3,13 @@ end to end on a 2-layer model (one rate per sweep, one seed)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import matplotlib.image
 import torch
+from helpers.proc import run_module
 
 from pipeline.config import OptimConfig
 from pipeline.model import GPT, ModelConfig
 from pipeline.tools.compare import split_qkv_optimizer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_split_qkv_orthogonalises_each_block_on_its_own():
@@ -50,9 +44,7 @@ def test_compare_runs_the_sweeps_and_writes_the_tables(sample_shards, tmp_path):
         "trainer.micro_batch_size=8", "trainer.max_steps=5", "eval.interval=5",
         "eval.tokens=1024", "optim.warmup_steps=1",
     ]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "pipeline.compare", *args], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True)  # fmt: skip
+    done = run_module("compare", *args, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = (tmp_path / "runs" / "compare" / "compare.md").read_text()
     for heading in ("stage adamw", "stage muon_lr", "stage muon_adamw", "three blocks (split)"):

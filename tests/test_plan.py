@@ -7,28 +7,22 @@ import dataclasses
 import json
 import math
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.proc import run_module
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from pipeline.errors import DataError
 from pipeline.model import GPT, PRESETS, ModelConfig
-from pipeline.tools.plan import (
-    batch_hint,
-    cuda_step_fits,
-    estimate_cost,
-    estimate_memory,
-    find_max_micro_batch,
-    main,
-    measured_tokens_per_s,
-)
+from pipeline.tools.cost import estimate_cost, measured_tokens_per_s
+from pipeline.tools.memory import estimate_memory
+from pipeline.tools.plan import batch_hint, main
+from pipeline.tools.probe import cuda_step_fits, find_max_micro_batch, training_steps
 
-REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 TINY = PRESETS["tiny"]
 STATES = ("parameters", "gradients", "optimizer", "autocast_weights")
@@ -325,9 +319,9 @@ def test_measured_tokens_per_s_is_the_median_after_warmup(tmp_path):
     write_metrics(path, step_times)
     expected = statistics.median(524_288 / dt for dt in step_times[3:])
     assert measured_tokens_per_s(path, skip_first=3) == pytest.approx(expected)
-    with pytest.raises(ValueError, match="skip_first"):
+    with pytest.raises(DataError, match="skip_first"):
         measured_tokens_per_s(path, skip_first=len(step_times))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="not found"):
         measured_tokens_per_s(tmp_path / "missing.jsonl")
 
 
@@ -335,14 +329,9 @@ def test_measured_tokens_per_s_is_the_median_after_warmup(tmp_path):
 
 
 def run_plan(*args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline.plan", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout
+    done = run_module("plan", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def table_rows(text: str) -> dict[int, dict[str, float]]:
@@ -393,7 +382,7 @@ def test_cost_command_prints_wall_time_and_cost(tmp_path, capsys):
     main(["cost", "--tokens", "1e9", "--metrics", str(path), "--gpus", "1", "--price", "3"])
     rate = 524_288 / 1.0
     assert f"{1e9 / rate:,.0f} s" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="skip_first"):
+    with pytest.raises(DataError, match="skip_first"):
         main(["cost", "--tokens", "1e9", "--metrics", str(path), "--skip-first", "40",
               "--gpus", "1", "--price", "3"])  # fmt: skip
 
@@ -406,3 +395,20 @@ def test_max_batch_command_falls_back_to_the_estimate():
     assert "estimate" in out
     assert f"trainer.micro_batch_size={expected}\n" in out
     assert "tokens_per_step must be a multiple of" in out
+
+
+def test_user_errors_exit_2_with_one_line():
+    done = run_module("plan", "memory", "--model", "nope")
+    assert done.returncode == 2
+    assert done.stderr == "error: invalid configuration: unknown model 'nope': use one of " + (
+        ", ".join(PRESETS) + "\n"
+    )
+
+
+def test_the_memory_probe_runs_the_training_step(tmp_path):
+    """The probe's steps are the training loop's TrainStep: on the CPU (fp32, no compile) two
+    steps of two micro-batches of a small GPT-2 give a finite loss near ln(vocab_size)."""
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
+    result = training_steps(cfg, 2, 16, "fp32", False, torch.device("cpu"))
+    assert result.finite and not result.stopping
+    assert abs(result.loss - math.log(cfg.vocab_size)) < 0.5 and result.grad_norm > 0

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import yaml
-from runs import records, wandb_run_record
+from helpers.proc import run_module
+from helpers.runs import records, wandb_run_record
 
 from pipeline.tools.plot import expand_runs, read_curves
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def small(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
@@ -29,9 +25,7 @@ def small(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
 
 
 def train_cli(args: list[str]) -> str:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    done = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    done = run_module("train", *args, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -84,11 +78,10 @@ def test_plot_draws_every_run_of_a_sweep(grid, tmp_path):
     assert curves.train == [(r["tokens_seen"], r["loss"]) for r in records(runs[0], "train")]
     assert curves.val == [(r["tokens_seen"], r["loss"]) for r in records(runs[0], "val")]
     out = tmp_path / "plots" / "lrs.png"
-    done = subprocess.run([sys.executable, "-m", "pipeline.plot", str(sweep), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    done = run_module("plot", str(sweep), "--out", str(out))
     assert done.returncode == 0 and "3 run(s)" in done.stdout
     image = matplotlib.image.imread(out)
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
-    missing = subprocess.run([sys.executable, "-m", "pipeline.plot", str(tmp_path / "none")],
-                             cwd=REPO, capture_output=True, text=True)  # fmt: skip
-    assert missing.returncode == 1 and "no metrics.jsonl" in missing.stderr
+    missing = run_module("plot", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "error: " in missing.stderr
+    assert "no metrics.jsonl" in missing.stderr

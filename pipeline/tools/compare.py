@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shutil
 import statistics
 import subprocess
@@ -41,9 +40,11 @@ import torch
 import yaml
 
 from pipeline.config import TrainConfig
-from pipeline.tools.bench import REPO, describe_device, load_average, merge_benchmarks, versions
+from pipeline.tools.bench.host import REPO, describe_device, load_average, versions
+from pipeline.tools.bench.render import merge_benchmarks, table
 from pipeline.tools.plot import Curves, plot_runs, read_curves
 from pipeline.training.optim import Optimizers, build_optimizer
+from pipeline.training.runlog import read_records
 
 SEEDS_KEY = "trainer.seed"
 
@@ -240,8 +241,7 @@ def step_times(
                        "eval.tokens=0", "trainer.log_interval=1",
                        "optim.warmup_steps=1", "checkpoint.resume=never"]),
         work / f"{name}.log")  # fmt: skip
-    rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in rows if r["kind"] == "train"][warmup:]
+    return [r["step_time_s"] for r in read_records(work / name, "train")][warmup:]
 
 
 def bf16_matmul_slowdown(rows: int = 384, cols: int = 128, repeats: int = 50) -> float:
@@ -269,11 +269,6 @@ def _row(s: Setting, seeds: list[int], chosen: Setting) -> list[str]:
     return [j.optim, f"{j.max_lr:g}", f"{j.muon_lr:g}" if j.muon_lr else "—",
             *(by_seed.get(seed, "—") for seed in seeds),
             f"**{mean}**" if s is chosen else mean]  # fmt: skip
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def stage_table(settings: list[Setting]) -> str:

@@ -8,12 +8,11 @@ against tokens seen, one colour per run, into a PNG. A sweep folder (`runs/<swee
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRICS = "metrics.jsonl"
+from pipeline.errors import DataError
+from pipeline.training.runlog import METRICS, read_records
 
 
 @dataclass
@@ -27,14 +26,14 @@ class Curves:
 
 def expand_runs(paths: list[str | Path]) -> list[Path]:
     """Run folders: each path that holds metrics.jsonl, else its subfolders that do (a sweep).
-    Raises FileNotFoundError naming a path with neither."""
+    Raises DataError naming a path with neither."""
     runs = []
     for path in map(Path, paths):
         found = [path] if (path / METRICS).is_file() else sorted(
             p.parent for p in path.glob(f"*/{METRICS}")
         )  # fmt: skip
         if not found:
-            raise FileNotFoundError(f"{path}: no {METRICS} in it or its subfolders (a run folder?)")
+            raise DataError(f"{path}: no {METRICS} in it or its subfolders (a run folder?)")
         runs += found
     return runs
 
@@ -43,8 +42,7 @@ def read_curves(run_dir: Path, name: str | None = None) -> Curves:
     """Train and validation (tokens_seen, loss) points of a run, in logged order; skipped
     (non-finite) steps are left out."""
     curves = Curves(name or str(run_dir))
-    for line in (run_dir / METRICS).read_text().splitlines():
-        record = json.loads(line)
+    for record in read_records(run_dir):
         if record["kind"] in ("train", "val"):
             getattr(curves, record["kind"]).append((record["tokens_seen"], record["loss"]))
     return curves
@@ -90,10 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="loss.png", help="PNG to write (default loss.png)")
     parser.add_argument("--title", default="loss")
     args = parser.parse_args(argv)
-    try:
-        run_dirs = expand_runs(args.runs)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
+    run_dirs = expand_runs(args.runs)
     names = [run_label(p) for p in run_dirs]
     out = plot_runs([read_curves(p, n) for p, n in zip(run_dirs, names)], args.out, args.title)
     print(f"wrote {out} ({len(run_dirs)} run(s))")
