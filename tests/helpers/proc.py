@@ -1,0 +1,35 @@
+"""Running a stage or tool the way a user does: `python -m pipeline.X ...` in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers.env import process_env
+from helpers.paths import REPO
+
+
+def command(module: str, *args: str) -> list[str]:
+    """The command line of `python -m pipeline.<module> args...` with this interpreter."""
+    return [sys.executable, "-m", f"pipeline.{module}", *args]
+
+
+def run_module(
+    module: str,
+    *args: str,
+    cwd: str | Path = REPO,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline.<module> args...` to its end (stdout and stderr captured as
+    text; `env` adds variables to process_env()). Raises subprocess.TimeoutExpired after
+    timeout seconds."""
+    return subprocess.run(
+        command(module, *args),
+        cwd=cwd,
+        env=process_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,57 @@
+"""Reading what a training run wrote: its metrics (through pipeline.training.runlog), its
+checkpoints' weights, its offline W&B record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.runlog import read_records
+
+TIMING = ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "mfu")
+"""metrics.jsonl fields that vary from run to run (wall-clock measurements)."""
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    """metrics.jsonl entries of one kind (train, val, skip), without the timing fields."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_records(run_dir, kind)]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model state of a checkpoint folder."""
+    return torch.load(checkpoint / "model.pt", weights_only=True)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state of a run's newest checkpoint."""
+    return weights(list_checkpoints(run_dir)[-1])
+
+
+def wandb_run_record(offline_run: Path):
+    """The `run` record (id, display name, group, project) of an offline W&B run folder, read
+    from its transaction log `run-<id>.wandb`: a LevelDB-style log (7-byte file header, 32 KiB
+    blocks, records with a 7-byte header: crc32, length, type 1 full/2 first/3 middle/4 last)
+    of protobuf `Record`s."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(offline_run.glob("run-*.wandb")).read_bytes()
+    offset, pending = 7, b""
+    while offset + 7 <= len(data):
+        if 32768 - offset % 32768 < 7:  # block trailer too short for a header
+            offset += 32768 - offset % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        payload, offset = data[offset + 7 : offset + 7 + length], offset + 7 + length
+        if kind == 0:
+            break
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "run":
+                return record.run
+    raise ValueError(f"{offline_run}: no run record")
