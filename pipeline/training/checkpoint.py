@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pipeline.errors import CheckpointError
-from pipeline.files import fsync_dir, sha256_file
+from pipeline.files import atomic_dir, sha256_file
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.faults import inject
 
@@ -116,31 +116,22 @@ def save_checkpoint(
 
     model_state, optimizer_state: from full_state(). state: JSON-serialisable (tokens seen,
     loader, config, ...).
-    Returns the checkpoint folder. On an OSError (e.g. a full disk) the partial folder is
-    removed, earlier checkpoints are untouched, and the error is raised again with that said.
+    Written under `.step_NNNNNNN.tmp` and renamed when complete (pipeline.files.atomic_dir).
+    Returns the checkpoint folder. On any failure the partial folder is removed and earlier
+    checkpoints are untouched; an OSError (e.g. a full disk) is raised again with that said.
     """
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        sizes = {"model.pt": _save(model_state, tmp / "model.pt")}
-        inject("checkpoint", step)
-        sizes |= {
-            "optimizer.pt": _save(optimizer_state, tmp / "optimizer.pt"),
-            "rng.pt": _save(rng_state(), tmp / "rng.pt"),
-        }
-        with open(tmp / STATE, "w") as f:
-            json.dump({**state, "step": step, "files": sizes}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if final.exists():  # a checkpoint of this step from an earlier, replaced attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+    try:  # pipeline.files.atomic_dir: a failure of any kind removes the partial folder
+        with atomic_dir(final, tmp=final.with_name(f".{final.name}.tmp")) as tmp:
+            sizes = {"model.pt": _save(model_state, tmp / "model.pt")}
+            inject("checkpoint", step)
+            sizes |= {
+                "optimizer.pt": _save(optimizer_state, tmp / "optimizer.pt"),
+                "rng.pt": _save(rng_state(), tmp / "rng.pt"),
+            }
+            with open(tmp / STATE, "w") as f:
+                json.dump({**state, "step": step, "files": sizes}, f, indent=2)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(
             e.errno,
             f"writing checkpoint {final} failed ({e.strerror or e}); earlier checkpoints are "
