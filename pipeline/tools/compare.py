@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from pipeline.config import TrainConfig
+from pipeline.files import write_text_atomic
 from pipeline.tools.bench.host import REPO, describe_device, load_average, versions
 from pipeline.tools.bench.render import merge_benchmarks, table
 from pipeline.tools.plot import Curves, plot_runs, read_curves
@@ -415,13 +416,15 @@ def main(argv: list[str] | None = None) -> str:
     load, start = load_average(), time.perf_counter()
     results, body = compare(args)
     out_md = Path(args.runs_dir).resolve() / "compare" / "compare.md"
-    out_md.write_text(body + "\n")
+    write_text_atomic(out_md, body + "\n")
     given = sys.argv[1:] if argv is None else argv
     command = "python -m pipeline.compare" + "".join(f" {a}" for a in given)
     if args.out:
         key, text = section(body, command, time.perf_counter() - start, load)
         out = Path(args.out)
-        out.write_text(merge_benchmarks(out.read_text() if out.is_file() else "", key, text))
+        write_text_atomic(
+            out, merge_benchmarks(out.read_text() if out.is_file() else "", key, text)
+        )
     print(body)
     print(f"wrote {out_md}" + (f" and {args.out}" if args.out else ""))
     if args.png and Path(args.png).parent != out_md.parent:

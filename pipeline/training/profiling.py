@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from pipeline.files import write_text_atomic
+
 PROFILE_DIR = "profile"
 OPS_ROWS = 40
 """Rows of the ops table."""
@@ -72,8 +74,9 @@ class StepProfiler:
         prof.export_chrome_trace(str(trace))
         by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=by, row_limit=OPS_ROWS)
-        ops.write_text(
+        write_text_atomic(
+            ops,
             f"torch.profiler: optimizer steps {self.start + 2}..{self.start + 1 + self.steps} "
-            f"of this process, on {self.device}, sorted by {by}\n{table}\n"
+            f"of this process, on {self.device}, sorted by {by}\n{table}\n",
         )
         self.done(f"profile written: {trace} (open in https://ui.perfetto.dev), top ops in {ops}")

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from pipeline.config import COMPILE_MODES
 from pipeline.errors import ConfigError
+from pipeline.files import write_text_atomic
 from pipeline.model import PRESETS
 from pipeline.tools.bench.host import (
     describe_device,
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> str:
     section = render_section(device, info, parts)
     out = Path(args.out)
     existing = out.read_text() if out.is_file() else ""
-    out.write_text(merge_benchmarks(existing, device.key, section))
+    write_text_atomic(out, merge_benchmarks(existing, device.key, section))
     print(section)
     print(f"wrote {out}")
     return section
