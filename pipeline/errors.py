@@ -74,6 +74,15 @@ class HellaSwagError(DataError, ValueError):
     """A HellaSwag file that cannot be found, downloaded or parsed."""
 
 
+class OutputError(PipelineError, OSError):
+    """An output that cannot be written: a file where a folder must be, a full disk, a failed
+    write. The message names it, says what is intact and what to do."""
+
+
+class FolderLockedError(OutputError):
+    """A run folder or prepare output held by another live process (pipeline.files.folder_lock)."""
+
+
 class NumericsError(PipelineError, RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient norm."""
 

@@ -6,18 +6,34 @@ folder, fsynced, renamed into place, the rename made durable by fsyncing the fol
 failure (a full disk, Ctrl-C, torch's zip writer raising RuntimeError) the temporary file or
 folder is removed and the error raised, so the target is whole or absent and what was there
 before is untouched.
+
+Folders a process writes into for a long time (a run folder, a prepare output) are held with
+`folder_lock`, so a second process refuses to start instead of interleaving its files; and
+`write_failed` turns a failed write into one line saying what is intact and what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import FolderLockedError, OutputError
+
+LOCK = ".lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DEAD_HOLDER_WAIT_S = 5.0
+"""How long a lock is waited for when its holder has ended on this host (forked workers of a
+killed process still hold it until they notice, within about a second)."""
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -126,3 +142,123 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 def is_plain_name(name: str) -> bool:
     """Whether name is a single path component (no '/', not '.' or '..', not empty)."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
+def make_folder(path: str | os.PathLike, what: str, instead: str) -> Path:
+    """Create folder `path` (and its parents) if missing; returns it. Raises OutputError naming
+    `what` when it cannot be: a file stands where a folder must be, or no permission."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise OutputError(
+                f"{what} {path} cannot be created: {blocker} is a file, not a folder: move or "
+                f"delete it, or choose another {instead}"
+            ) from e
+        raise OutputError(
+            f"{what} {path} cannot be created ({e.strerror or e}): fix the path or its "
+            f"permissions, or choose another {instead}"
+        ) from e
+    return path
+
+
+def _holder(lock: Path) -> tuple[str, int | None, str]:
+    """(description, pid, host) of the process a lock file names."""
+    try:
+        fields = dict(f.split("=", 1) for f in lock.read_text().split() if "=" in f)
+        pid, host = int(fields["pid"]), fields["host"]
+    except (OSError, ValueError, KeyError):
+        return "another process", None, ""
+    return f"process {pid} on {host}", pid, host
+
+
+def _ended(pid: int | None, host: str) -> bool:
+    """Whether the process `pid` of this host has ended (False when unknown or elsewhere)."""
+    if pid is None or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _try_lock(lock: Path) -> int | None:
+    """An open descriptor of `lock` holding its exclusive flock, or None when another process
+    holds it. Retries when the file was replaced between open and flock (a holder removing it
+    as it releases), so two processes never hold locks on different files of one name."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # a holder that had created the folder removed it, empty
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike, what: str, instead: str) -> Iterator[Path]:
+    """Hold folder `path` (created, see make_folder) for this process while the block runs.
+
+    The lock is an exclusive `flock` on `<path>/.lock`, which names the holder (pid, host): the
+    operating system releases it when the holder ends however it ends, so a lock left by a
+    killed process never blocks a restart. Released (and the file removed) on leaving the
+    block, also on an exception; a folder it created is removed again when nothing else was
+    written into it. Raises FolderLockedError naming `what`, the folder and the
+    process holding it, and the way out (`instead`: another what to choose), or OutputError
+    when the folder cannot be created."""
+    created = not Path(path).is_dir()
+    path = make_folder(path, what, instead)
+    lock = path / LOCK
+    deadline = time.monotonic() + DEAD_HOLDER_WAIT_S
+    while (fd := _try_lock(lock)) is None:
+        holder, pid, host = _holder(lock)
+        if not _ended(pid, host) or time.monotonic() > deadline:
+            raise FolderLockedError(
+                f"{what} {path} is in use by {holder} (it holds {lock}): wait for that process "
+                f"to finish or stop it, then run the same command again; or choose another "
+                f"{instead}"
+            )
+        time.sleep(0.1)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still held: a waiting process then retries on a new file
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only when empty: what was written stays
+
+
+def write_failed(path: str | os.PathLike, error: BaseException, then: str) -> OutputError:
+    """The one-line error of writing `path` that failed with `error`: an OSError (ENOSPC on a
+    full disk), torch's zip writer's RuntimeError ("unexpected pos ...", its way of failing on a
+    full disk) or safetensors' error. `then`: what is intact and what to do."""
+    text = " ".join(str(error).split())
+    code = getattr(error, "errno", None)
+    if code in DISK_FULL or "unexpected pos" in text or "No space left" in text:
+        cause = f"the disk is full ({getattr(error, 'strerror', None) or text})"
+    else:
+        cause = getattr(error, "strerror", None) or f"{type(error).__name__}: {text}"
+    return OutputError(f"writing {path} failed: {cause}; {then}")

@@ -18,7 +18,7 @@ ENTRY_POINTS = {"prepare", "train", "evaluate", "sample", "hf", "hub", "plan", "
 BASE = ("pipeline.errors", "pipeline.files", "pipeline.config", "pipeline.model")
 LAYERS = {
     "pipeline.errors": (),
-    "pipeline.files": (),
+    "pipeline.files": ("pipeline.errors",),
     "pipeline.model": ("pipeline.errors",),
     "pipeline.config": ("pipeline.errors", "pipeline.model", "pipeline.config"),
     "pipeline.data": (*BASE, "pipeline.data"),

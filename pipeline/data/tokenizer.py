@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -117,7 +118,9 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _init_worker() -> None:
-    """Pool initializer: watch the parent process, then load the encoding."""
+    """Pool initializer: ignore Ctrl-C (the parent stops the pool; a worker interrupted too
+    would print a traceback), watch the parent process, then load the encoding."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch = threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True)
     watch.start()
     _load_worker()

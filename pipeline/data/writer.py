@@ -37,6 +37,7 @@ from pipeline.data.progress import (
     SETTINGS_KEYS,
     Progress,
     fingerprint,
+    record_repair,
     recorded_settings,
     settings_diff,
 )
@@ -51,9 +52,10 @@ from pipeline.data.shards import (
     write_manifest,
     write_shard,
 )
-from pipeline.data.sources import iter_documents, resolve_files
+from pipeline.data.sources import UnreadableFileError, iter_documents, resolve_files
 from pipeline.data.tokenizer import TOKENIZER, get_encoding, split_documents, tokenize_documents
 from pipeline.errors import PrepareError, ShardError, raise_if
+from pipeline.files import folder_lock
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_SHARD_SIZE = 2**31 - 1
@@ -189,14 +191,13 @@ class ShardWriter:
                 {"file": name, "split": split, "tokens": len(tokens), "sha256": sha256}
             ]
             self.save(Progress(shards, documents, doc_tokens_written, self.split, split_documents))
-        except OSError as e:
-            if e.errno not in DISK_FULL:
-                raise
+        except OSError as e:  # a full disk, or another write failure
+            what = "the disk is full" if e.errno in DISK_FULL else "a write failed"
             raise PrepareError(
-                f"the disk is full: writing {self.out / name} failed ({e.strerror}). "
+                f"{what}: writing {self.out / name} failed ({e.strerror or e}). "
                 f"{len(self.shards)} shards ({sum(s['tokens'] for s in self.shards):,} tokens) "
-                f"are complete and recorded in {self.out / PROGRESS}; free some space and run "
-                "the same command again: it continues from there"
+                f"are complete and recorded in {self.out / PROGRESS}; free some space (or fix "
+                "the folder) and run the same command again: it continues from there"
             ) from e
         self.shards = shards
 
@@ -355,22 +356,49 @@ def prepare(cfg: PrepareConfig) -> Path:
     out = Path(cfg.out_dir) / cfg.dataset_name
     prefix = cfg.dataset_name
     settings = settings_of(cfg)
-    state = _output_state(out, prefix, settings)
-    if state == "complete":
-        print(f"{out} is already complete ({MANIFEST} matches these settings): nothing to do")
+    if _state_to_continue(out, prefix, settings, cfg.overwrite) is None:
         return out
-    if state == "different" and not cfg.overwrite:
-        raise _different_output_error(out, prefix, settings)
     docs = iter_documents(cfg.source)  # opens and checks the source
     get_encoding()
     _check_writable(out)
+    with folder_lock(out, "prepare output", "name or out_dir"):  # a second prepare stops here
+        return _prepare_locked(cfg, out, settings, docs)
+
+
+def _state_to_continue(
+    out: Path, prefix: str, settings: dict[str, Any], overwrite: bool
+) -> str | None:
+    """The output folder's state (see _output_state), or None when it is complete (said).
+    Raises PrepareError for output of other settings without overwrite."""
+    state = _output_state(out, prefix, settings)
+    if state == "complete":
+        print(f"{out} is already complete ({MANIFEST} matches these settings): nothing to do")
+        return None
+    if state == "different" and not overwrite:
+        raise _different_output_error(out, prefix, settings)
+    return state
+
+
+def _prepare_locked(
+    cfg: PrepareConfig, out: Path, settings: dict[str, Any], docs: Iterator[str]
+) -> Path:
+    """prepare under the output folder's lock: its state read again (another process may have
+    written it before the lock was taken), then the shards, the manifest and the summary."""
+    prefix = cfg.dataset_name
+    state = _state_to_continue(out, prefix, settings, cfg.overwrite)
+    if state is None:
+        return out
     progress = _start(out, prefix, settings, state)
 
     start = time.perf_counter()
     writer = ShardWriter(
         out, prefix, cfg.shard_size, cfg.val_tokens, progress, lambda p: p.save(out, settings)
     )
-    added = _tokenize_into(writer, docs, progress, cfg)
+    try:
+        added = _tokenize_into(writer, docs, progress, cfg)
+    except UnreadableFileError as e:  # completed shards stay; the repaired file continues
+        record_repair(out, e.path, e.intact_bytes)
+        raise
     final = writer.finish()
     manifest = build_manifest(settings, final.shards, final.split_documents)
     write_manifest(out, manifest)

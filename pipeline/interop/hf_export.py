@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from pipeline.errors import HFError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, make_folder, write_failed
 from pipeline.interop.hf import CONFIG, WEIGHTS, hf_config, to_hf_state_dict
 from pipeline.interop.hub import prepare_repo
 from pipeline.interop.hub_errors import hub_errors, require_token
@@ -77,11 +78,16 @@ def write_all(out: Path, writers: dict[str, Writer]) -> None:
     """Write every file of `writers` (name -> writer) into folder out (created), all or none:
     each is written under its temporary name (pipeline.files.atomic_path) and renamed into
     place only once every one is written. On any failure the temporary files are removed and
-    out keeps the files it had."""
-    out.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        for name, write in writers.items():
-            write(stack.enter_context(atomic_path(out / name)))
+    out keeps the files it had; a failed write (a full disk) raises OutputError, as does an out
+    that cannot be a folder (a file)."""
+    make_folder(out, "export folder", "OUT_DIR")
+    try:
+        with contextlib.ExitStack() as stack:
+            for name, write in writers.items():
+                write(stack.enter_context(atomic_path(out / name)))
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors: its own error class
+        raise write_failed(out, e, f"no partial file is left and {out} holds what it held "
+                           "before: free disk space and run the export again") from e  # fmt: skip
 
 
 def export_hf(

@@ -5,8 +5,9 @@ A checkpoint is a folder `<run_dir>/checkpoints/step_NNNNNNN/` (N = optimizer st
   optimizer.pt   full optimizer state (AdamW, or Muon and AdamW), keyed by parameter name
                  (loads sharded or not)
   rng.pt         python, numpy, torch CPU and CUDA generator states
-  state.json     step, tokens seen, loader position, W&B run id, resolved config, and the size
-                 and sha256 of every file above (both checked before loading)
+  state.json     step, tokens seen, loader position, W&B run id, resolved config, the data
+                 (absolute shard folder, manifest fingerprint), and the size and sha256 of
+                 every file above (both checked before loading)
 It is written under `.step_NNNNNNN.tmp`, every file fsynced, then renamed: a folder named
 `step_*` is complete. Only the main process writes (the state is replicated under DDP).
 Rotation keeps the newest `keep_last`, the best-validation checkpoint and, for a WSD run, the
@@ -37,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pipeline.errors import CheckpointError
-from pipeline.files import atomic_dir, sha256_file
+from pipeline.files import atomic_dir, sha256_file, write_failed
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.faults import inject
 
@@ -118,7 +119,8 @@ def save_checkpoint(
     loader, config, ...).
     Written under `.step_NNNNNNN.tmp` and renamed when complete (pipeline.files.atomic_dir).
     Returns the checkpoint folder. On any failure the partial folder is removed and earlier
-    checkpoints are untouched; an OSError (e.g. a full disk) is raised again with that said.
+    checkpoints are untouched; a failed write (an OSError, or the RuntimeError "unexpected pos"
+    of torch's zip writer on a full disk) raises OutputError saying so.
     """
     final = checkpoint_dir(run_dir, step)
     try:  # pipeline.files.atomic_dir: a failure of any kind removes the partial folder
@@ -131,12 +133,10 @@ def save_checkpoint(
             }
             with open(tmp / STATE, "w") as f:
                 json.dump({**state, "step": step, "files": sizes}, f, indent=2)
-    except OSError as e:
-        raise OSError(
-            e.errno,
-            f"writing checkpoint {final} failed ({e.strerror or e}); earlier checkpoints are "
-            "intact. Free disk space and resume with checkpoint.resume=auto",
-        ) from e
+    except (OSError, RuntimeError) as e:  # torch's zip writer: RuntimeError on a full disk
+        raise write_failed(final, e, "no partial checkpoint is left and earlier checkpoints are "
+                           "intact: free disk space and run the same command again (it resumes "
+                           "from the newest checkpoint)") from e  # fmt: skip
     rotate(run_dir, keep_last)
     return final
 
@@ -268,7 +268,8 @@ def load_checkpoint(
 ) -> dict:
     """Load weights (and optimizer state, RNG states) from checkpoint folder `path` into the
     unwrapped model, sharded with FSDP or not (each process reads the files); returns its
-    state.json. Raises CheckpointError."""
+    state.json. Raises CheckpointError, also when the weights do not fit the model (another
+    size), naming the first mismatch."""
     path = Path(path)
     state = read_state(path)
     verify_checksums(path, state)
@@ -282,9 +283,17 @@ def load_checkpoint(
     except Exception as e:  # a corrupt file raises pickle, zip or runtime errors
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
     load = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=load)
-    if opt_state is not None:
-        set_optimizer_state_dict(model, optimizer, opt_state, options=load)
+    try:
+        set_model_state_dict(model, weights, options=load)
+        if opt_state is not None:
+            set_optimizer_state_dict(model, optimizer, opt_state, options=load)
+    except (RuntimeError, KeyError, ValueError) as e:  # another architecture: shapes, names
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise CheckpointError(
+            f"{path} does not fit this model: {' '.join(lines[:2])}{more}; build the model "
+            f"with the config recorded in its {STATE} (model.*), or start a new run"
+        ) from e
     if rng is not None:
         set_rng_state(rng)
     return state

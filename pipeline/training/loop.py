@@ -1,4 +1,4 @@
-"""The training loop: `setup(cfg)` builds a run from its config, `train(cfg)` steps it.
+"""The training loop: `setup(cfg, held)` builds a run from its config, `train(cfg)` steps it.
 
 The components own their schedules: the Validator decides when to validate, the Checkpointer
 when to save; the loop only calls them, with the TrainStep, the Reporter and the profiler."""
@@ -19,6 +19,7 @@ from pipeline.config import TrainConfig, as_dict
 from pipeline.data.loader import TrainLoader
 from pipeline.data.shards import open_split
 from pipeline.errors import ConfigError, NumericsError, raise_if
+from pipeline.files import folder_lock
 from pipeline.model import GPT, liger_available
 from pipeline.training.checkpointer import Checkpointer
 from pipeline.training.faults import StopSignal
@@ -83,10 +84,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
     return model
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Check the config and data, build model, optimizer and loader, and restore the newest
-    checkpoint when resuming. Raises ConfigError, ShardError or CheckpointError before any
-    training step."""
+def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
+    """Check the config and data, lock the run folder (the main process, into `held`, which
+    releases it), build model, optimizer and loader, and restore the newest checkpoint when
+    resuming. Raises ConfigError, ShardError, CheckpointError, FolderLockedError (another
+    process holds the run) or OutputError (the folder cannot be created) before any step."""
     accelerator = make_accelerator(cfg.runtime)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     raise_if(cfg.problems(world))
@@ -97,6 +99,9 @@ def setup(cfg: TrainConfig) -> Run:
         ])  # fmt: skip
     t, d, vocab, fsdp = cfg.trainer, cfg.data, cfg.model.vocab_size, cfg.runtime.fsdp
     main, run_dir, config = accelerator.is_main_process, Path(t.runs_dir) / t.run_name, as_dict(cfg)
+    if main:  # before anything is written: a second process on this run stops here
+        held.enter_context(folder_lock(run_dir, f"run {t.run_name}: its folder",
+                                       "trainer.run_name or trainer.runs_dir"))  # fmt: skip
     train_split = open_split(d.shard_dir, "train", vocab, d.verify_checksums)
     loader = TrainLoader(
         train_split, cfg.block_size, t.micro_batch_size, rank, world, t.seed, device, vocab
@@ -146,7 +151,13 @@ def train(cfg: TrainConfig) -> dict:
     trainer.max_bad_steps non-finite steps in a row (a checkpoint of the last good weights is
     written first).
     """
-    run = setup(cfg)
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however train ends
+        return _train(setup(cfg, held))
+
+
+def _train(run: Run) -> dict:
+    """Step a run that setup built to its end, or to a stop signal; returns train's summary."""
+    cfg = run.cfg
     state, optim, max_steps = run.state, cfg.optim, cfg.max_steps
     if state.step >= max_steps:
         run.reporter.print(f"run already complete: {state.step} of {max_steps} steps done")

@@ -6,6 +6,7 @@ flag is the accelerator's `is_main_process`; other ranks' reporters do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import LoggerConfig
+from pipeline.files import write_failed
 from pipeline.training import runlog
+
+CHECKPOINTS_INTACT = ("the checkpoints are intact: free disk space and run the same command "
+                      "again (it resumes from the newest checkpoint)")  # fmt: skip
 
 
 def main_print(enabled: bool) -> Callable[..., None]:
@@ -50,8 +55,11 @@ class Reporter:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / runlog.METRICS
-        runlog.truncate(self.path, resume_step)
-        self.file = open(self.path, "a")
+        try:
+            runlog.truncate(self.path, resume_step)
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise write_failed(self.path, e, CHECKPOINTS_INTACT) from e
         if cfg.kind == "wandb":
             import wandb
 
@@ -83,8 +91,13 @@ class Reporter:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, **metrics}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: close now, so closing later cannot fail again
+            with contextlib.suppress(OSError):
+                self.file.close()
+            raise write_failed(self.path, e, CHECKPOINTS_INTACT) from e
         if self.wandb is not None:
             logged = {f"{kind}/{k}": v for k, v in metrics.items()}
             if "tokens_seen" in metrics:
