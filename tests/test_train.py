@@ -157,12 +157,13 @@ def test_finished_run_started_again_does_nothing(sample_shards, tmp_path, capsys
 
 def test_resuming_with_another_seed_is_refused(sample_shards, tmp_path):
     """The loader's sample order depends on the seed, the data and block_size: a resume that
-    changes one would silently train on another order. It is a checkpoint error (exit 2, which
-    launch/auto_resume.sh does not retry), and the run keeps what it had."""
+    changes one would silently train on another order. It is a config error found in the
+    checkpoint's state.json before any tensor loads (exit 2, which launch/auto_resume.sh does not
+    retry), and the run keeps what it had."""
     train(small_config(sample_shards, tmp_path, eval_tokens=0))
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000006")  # as if killed after step 3
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    with pytest.raises(CheckpointError, match="loader seed=7 but this run has 8") as e:
+    with pytest.raises(ConfigError, match="trainer.seed=7; this launch sets trainer.seed=8") as e:
         train(small_config(sample_shards, tmp_path, eval_tokens=0, seed=8))
     assert "step_0000003" in str(e.value) and "trainer.run_name" in str(e.value)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000003"]
@@ -170,8 +171,10 @@ def test_resuming_with_another_seed_is_refused(sample_shards, tmp_path):
 
 
 def test_validation_set_without_a_window_is_a_config_error(sample_shards, tmp_path):
-    with pytest.raises(ConfigError, match="holds no window of 65 tokens"):
+    with pytest.raises(ConfigError, match=r"eval.tokens=10 is below one validation window of "
+                       r"block_size \+ 1 = 65 tokens"):  # fmt: skip
         train(small_config(sample_shards, tmp_path, eval_tokens=10))
+    assert not (tmp_path / "run").exists()  # found before any work
 
 
 def test_resume_latest_needs_a_checkpoint(sample_shards, tmp_path):
@@ -240,8 +243,10 @@ def test_evaluate_reports_loss_and_perplexity_of_the_checkpoint(sample_shards, t
     saved = json.loads(Path(result["path"]).read_text())
     assert saved["val_loss"] == result["val_loss"]
     assert Path(result["path"]) == run_dir / "eval" / "step_0000003.json"
-    with pytest.raises(ConfigError, match="holds no window of 65 tokens"):
+    with pytest.raises(ConfigError, match=r"eval_tokens=10 is below one validation window of "
+                       r"block_size \+ 1 = 65 tokens"):  # fmt: skip
         evaluate(EvaluateConfig(checkpoint=str(run_dir), eval_tokens=10, sample_tokens=0))
+    assert saved == json.loads(Path(result["path"]).read_text())  # the result is kept
 
 
 def test_command_line_train_then_evaluate(sample_shards, tmp_path):

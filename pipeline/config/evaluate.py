@@ -26,9 +26,12 @@ class EvaluateConfig:
     hellaswag_limit: int | None = None
     """Score only the first this many HellaSwag items; null = all 10,042."""
     shard_dir: str | None = None
-    """Validation data; null = the shard_dir the checkpoint was trained on."""
+    """Validation data; null = the data the checkpoint was trained on (the absolute folder it
+    records, whose manifest fingerprint must still match; older checkpoints: their
+    data.shard_dir, relative to the working directory)."""
     eval_tokens: int | None = None
-    """Validation tokens to score; null = the whole validation split."""
+    """Validation tokens to score, at least one window (block_size + 1); null = the whole
+    validation split."""
     micro_batch_size: int = 8
     """Windows (val_loss), or HellaSwag items of 4 rows each (hellaswag), per forward pass."""
     block_size: int | None = None
@@ -51,7 +54,20 @@ class EvaluateConfig:
             out.append(f"precision={self.precision!r}: use auto, bf16 or fp32")
         if self.eval_tokens is not None and self.eval_tokens < 2:
             out.append(f"eval_tokens={self.eval_tokens} must be >= 2 or null")
+        elif self.block_size and self.eval_tokens is not None:
+            out += eval_tokens_problems(self.eval_tokens, self.block_size)
         return out
+
+
+def eval_tokens_problems(eval_tokens: int | None, block_size: int) -> list[str]:
+    """The problem of an eval_tokens below one window of block_size + 1 tokens, or []."""
+    if eval_tokens is None or eval_tokens > block_size:
+        return []
+    return [
+        f"eval_tokens={eval_tokens} is below one validation window of block_size + 1 = "
+        f"{block_size + 1} tokens: set eval_tokens >= {block_size + 1}, or null for the whole "
+        "validation split"
+    ]
 
 
 # --------------------------------------------------------------------------- sample

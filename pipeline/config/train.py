@@ -20,6 +20,11 @@ class DataConfig:
     verify_checksums: bool = False
     """Check every shard's sha256 against the manifest before training (reads all the data:
     about 10 s per 10B-token dataset per GB/s of disk). Sizes and headers are always checked."""
+    allow_other_data: bool = False
+    """Let a resumed run continue on other data than its checkpoint was trained on (another
+    manifest fingerprint, see pipeline.data.shards.manifest_fingerprint), at the same position
+    in the new data's sample order. Off, such a resume stops with exit code 2 naming both
+    folders; set it only when the change is intended (e.g. continuing on a larger dataset)."""
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -391,6 +396,12 @@ class TrainConfig:
                 f"model.block_size={self.model.block_size}: lower it or use a larger model"
             )
             return out
+        if 0 < self.eval.tokens <= self.block_size:
+            out.append(
+                f"eval.tokens={self.eval.tokens} is below one validation window of block_size + "
+                f"1 = {self.block_size + 1} tokens: set eval.tokens >= {self.block_size + 1}, "
+                "or eval.tokens=0 for no validation"
+            )
         t = self.trainer
         if self.optim.name == "muon" and self.runtime.fsdp:
             out.append(

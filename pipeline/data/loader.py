@@ -43,6 +43,7 @@ class TrainLoader:
         vocab_size: int | None = None,
     ):
         self.shards, self.files, self.vocab_size = split.shards, split.files, vocab_size
+        self.data = split.identity()  # absolute folder and manifest fingerprint, for checkpoints
         self.block_size = block_size
         self.micro_batch_size = micro_batch_size
         self.rank, self.world_size = rank, world_size
@@ -53,9 +54,12 @@ class TrainLoader:
         )
         self.samples_per_epoch = int(self.samples_per_shard.sum())
         if self.samples_per_epoch == 0:
+            longest = max((len(s) for s in self.shards), default=0)
             raise ConfigError([
-                f"the train split ({split.num_tokens} tokens) holds no window of "
-                f"block_size + 1 = {block_size + 1} tokens: prepare more data or lower block_size"
+                f"the longest {split.name} shard holds {longest:,} tokens, fewer than one "
+                f"window of block_size + 1 = {block_size + 1:,} tokens (a window never spans "
+                f"two shards; {len(self.shards)} shard(s), {split.num_tokens:,} tokens in all): "
+                f"prepare again with shard_size >= {block_size + 1:,}, or lower block_size"
             ])  # fmt: skip
         self.position = 0
         self._epoch_order: tuple[int, np.ndarray, np.ndarray] | None = None  # epoch, order, ends
@@ -117,10 +121,12 @@ class TrainLoader:
             "samples_per_epoch": self.samples_per_epoch,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, other_data: bool = False) -> None:
         """Continue from a saved position. Raises ValueError when the data or block size
-        differs from the saved run (the order would not be the same)."""
-        for key in ("seed", "block_size", "samples_per_epoch"):
+        differs from the saved run (the order would not be the same); other_data=True accepts
+        other data (data.allow_other_data), continuing at the same position in its order."""
+        keys = ("seed", "block_size") if other_data else ("seed", "block_size", "samples_per_epoch")
+        for key in keys:
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"checkpoint loader {key}={state[key]} but this run has "
@@ -135,11 +141,19 @@ class ValidationWindows:
     tokens at stride block_size; n = (min(eval_tokens, split tokens) - 1) // block_size windows,
     each scoring block_size next-token predictions. eval_tokens=None takes the whole split.
     The same windows serve periodic validation and `pipeline.evaluate`, for every checkpoint.
-    Raises ConfigError when the first eval_tokens tokens hold no window.
+    Raises ConfigError when the first eval_tokens tokens hold no window; reading a window
+    raises ShardError, naming the file, for a token id >= vocab_size (when given), as
+    TrainLoader does.
     """
 
-    def __init__(self, split: Split, block_size: int, eval_tokens: int | None = None):
-        self.shards = split.shards
+    def __init__(
+        self,
+        split: Split,
+        block_size: int,
+        eval_tokens: int | None = None,
+        vocab_size: int | None = None,
+    ):
+        self.shards, self.files, self.vocab_size = split.shards, split.files, vocab_size
         self.block_size = block_size
         total = split.num_tokens if eval_tokens is None else min(eval_tokens, split.num_tokens)
         self.num_windows = max(0, (total - 1) // block_size)
@@ -161,7 +175,14 @@ class ValidationWindows:
         out, k = [], int(np.searchsorted(self.starts, lo, side="right")) - 1
         while lo < hi:
             take = min(hi, int(self.starts[k + 1])) - lo
-            out.append(self.shards[k][lo - self.starts[k] : lo - self.starts[k] + take])
+            offset = lo - int(self.starts[k])
+            out.append(self.shards[k][offset : offset + take])
+            if self.vocab_size is not None and out[-1].max() >= self.vocab_size:
+                raise ShardError(
+                    f"{self.files[k]}: token id {out[-1].max()} at tokens {offset}.."
+                    f"{offset + take - 1} is not below vocab_size {self.vocab_size}: the shard "
+                    "is corrupt or from another tokenizer; prepare the data again"
+                )
             lo, k = lo + take, k + 1
         return np.concatenate(out).astype(np.int64)
 

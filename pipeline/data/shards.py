@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,14 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def manifest_fingerprint(shard_dir: str | os.PathLike) -> str:
+    """The identity of a shard folder's data: the sha256 of its manifest.json, which records
+    every shard's sha256. Checkpoints and evaluation results record it. Raises ShardError when
+    the manifest is missing (see load_manifest)."""
+    load_manifest(shard_dir)
+    return sha256_file(Path(shard_dir) / MANIFEST)
+
+
 def listed_shards(manifest: dict) -> list[str]:
     """File names of the shards a manifest lists, in manifest order.
 
@@ -229,6 +238,15 @@ class Split:
     name: str
     files: list[Path]
     shards: list[np.memmap]
+    shard_dir: Path | None = None
+    """The folder, absolute."""
+    fingerprint: str | None = None
+    """manifest_fingerprint of the folder: which data this is."""
+
+    def identity(self) -> dict[str, str | None]:
+        """What checkpoints and evaluation results record of the data: the absolute folder and
+        its manifest fingerprint."""
+        return {"shard_dir": str(self.shard_dir), "manifest_fingerprint": self.fingerprint}
 
     @property
     def num_tokens(self) -> int:
@@ -244,8 +262,10 @@ def open_split(
     """Open every shard of `split` listed in the manifest, in manifest order.
 
     Checks, before any training: the manifest exists; each listed shard exists with the header,
-    size and token count the manifest records; the tokenizer's vocabulary equals vocab_size when
-    given; with verify_checksums, each file's sha256 (reads every byte). Raises ShardError.
+    size and token count the manifest records; every shard file of the folder's prefix is
+    listed, under the split its name says; the split's tokens add up to the manifest's
+    per-split total; the tokenizer's vocabulary equals vocab_size when given; with
+    verify_checksums, each file's sha256 (reads every byte). Raises ShardError naming the file.
     """
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
@@ -260,6 +280,7 @@ def open_split(
             f"(vocab_size {manifest.get('vocab_size')}), the model expects vocab_size "
             f"{vocab_size}: set model.vocab_size to match or prepare the data again"
         )
+    _check_listing(shard_dir, manifest)
     files, shards = [], []
     for entry in manifest["shards"]:
         if entry["split"] != split:
@@ -280,4 +301,38 @@ def open_split(
             f"{shard_dir}: manifest.json lists no {split!r} shards; prepare with more data "
             f"(or a non-zero val_tokens for validation)"
         )
-    return Split(split, files, shards)
+    recorded = manifest.get("splits", {}).get(split, {}).get("tokens")
+    total = sum(len(s) for s in shards)
+    if recorded is not None and total != recorded:
+        raise ShardError(
+            f"{shard_dir / MANIFEST}: its {split!r} shards hold {total:,} tokens but its "
+            f"splits.{split}.tokens records {recorded:,}: the manifest was edited; restore it "
+            "or prepare the data again"
+        )
+    return Split(split, files, shards, shard_dir.resolve(), manifest_fingerprint(shard_dir))
+
+
+def _check_listing(shard_dir: Path, manifest: dict) -> None:
+    """Raise ShardError, naming the file, for a shard of this folder's prefix that the manifest
+    does not list (removed from it) or lists under the other split (relabelled): the loader
+    reads exactly what prepare wrote."""
+    listed = set(listed_shards(manifest))
+    prefix = re.escape(str(manifest.get("name", "")))
+    pattern = re.compile(rf"{prefix}_({'|'.join(SPLITS)})_\d{{6,}}\.bin")
+    unlisted = sorted(p.name for p in shard_dir.iterdir()
+                      if pattern.fullmatch(p.name) and p.name not in listed)  # fmt: skip
+    if unlisted:
+        raise ShardError(
+            f"{shard_dir / unlisted[0]}: a shard file that {MANIFEST} does not list"
+            + (f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else "")
+            + ": the manifest was edited or the folder mixes prepare outputs; restore the "
+            "manifest, or prepare the data again into an empty folder"
+        )
+    for entry in manifest["shards"]:
+        named = pattern.fullmatch(entry["file"])
+        if named and named.group(1) != entry["split"]:
+            raise ShardError(
+                f"{shard_dir / entry['file']}: a {named.group(1)!r} shard that {MANIFEST} lists "
+                f"in the {entry['split']!r} split: the manifest was edited; restore it or "
+                "prepare the data again"
+            )

@@ -20,16 +20,18 @@ results (see keep_earlier_tasks).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from pipeline.config import EvaluateConfig, as_dict
+from pipeline.config.evaluate import eval_tokens_problems
 from pipeline.data.loader import ValidationWindows
-from pipeline.data.shards import open_split
+from pipeline.data.shards import MANIFEST, manifest_fingerprint, open_split
 from pipeline.data.tokenizer import get_encoding
-from pipeline.errors import ConfigError, raise_if
+from pipeline.errors import ConfigError, ShardError, raise_if
 from pipeline.evaluation.hellaswag import evaluate_hellaswag, load_items, resolve_path
-from pipeline.evaluation.loading import load_for_eval
+from pipeline.evaluation.loading import Loaded, load_for_eval
 from pipeline.evaluation.reports import TASKS, keep_earlier_tasks, write_reports
 from pipeline.evaluation.scoring import estimate_loss, generate_text
 from pipeline.model import GPT
@@ -74,20 +76,55 @@ def _tasks(cfg: EvaluateConfig) -> list[str]:
     return list(cfg.tasks) or ["val_loss"]
 
 
+def window_size(cfg: EvaluateConfig, loaded: Loaded) -> int:
+    """The val_loss task's block_size: block_size=, else the checkpoint's training block size,
+    else the model's. Raises ConfigError when it exceeds the model's or eval_tokens holds no
+    window of it."""
+    data = (loaded.train_config or {}).get("data", {})
+    limit = loaded.model.cfg.block_size
+    block_size = cfg.block_size or data.get("block_size") or limit
+    if block_size > limit:
+        raise ConfigError([f"block_size={block_size} exceeds the model's block_size {limit}"])
+    raise_if(eval_tokens_problems(cfg.eval_tokens, block_size))
+    return block_size
+
+
+def scored_data(cfg: EvaluateConfig, loaded: Loaded) -> Path:
+    """The shard folder to score: shard_dir= when given; else the folder the checkpoint was
+    trained on, which must still hold that data (same manifest fingerprint), found at its
+    recorded absolute path or, for a checkpoint from another machine, at its data.shard_dir;
+    an older checkpoint recording no fingerprint: its data.shard_dir as given. Raises
+    ShardError saying which data differs and how to score it anyway."""
+    if cfg.shard_dir:
+        return Path(cfg.shard_dir)
+    configured = (loaded.train_config or {}).get("data", {}).get("shard_dir")
+    if not loaded.data:
+        return Path(configured)
+    recorded, expected = Path(loaded.data["shard_dir"]), loaded.data["manifest_fingerprint"]
+    found = []  # (folder, fingerprint) of the candidates that exist
+    for folder in dict.fromkeys([recorded, Path(configured or recorded).resolve()]):
+        if (folder / MANIFEST).is_file():
+            fingerprint = manifest_fingerprint(folder)
+            if fingerprint == expected:
+                return folder
+            found.append(f"{folder} holds other data (manifest fingerprint {fingerprint[:12]})")
+    raise ShardError(
+        f"{loaded.source} was trained on {recorded} (manifest fingerprint {expected[:12]}), "
+        f"but {'; '.join(found) or 'that folder is gone'}: restore that data, or pass "
+        "shard_dir=<folder> to score other data deliberately"
+    )
+
+
 def val_loss_result(
-    model: GPT, cfg: EvaluateConfig, train_cfg: dict | None, device: torch.device, autocast
+    model: GPT, cfg: EvaluateConfig, loaded: Loaded, device: torch.device, autocast
 ) -> dict:
     """The val_loss task: val_loss (nats/token), perplexity, eval_tokens, windows, block_size,
-    shard_dir. Raises ConfigError (block_size above the model's) or ShardError."""
-    data = (train_cfg or {}).get("data", {})
-    shard_dir = cfg.shard_dir or data.get("shard_dir")
-    block_size = cfg.block_size or data.get("block_size") or model.cfg.block_size
-    if block_size > model.cfg.block_size:
-        raise ConfigError(
-            [f"block_size={block_size} exceeds the model's block_size {model.cfg.block_size}"]
-        )
-    split = open_split(shard_dir, "val", model.cfg.vocab_size)
-    windows = ValidationWindows(split, block_size, cfg.eval_tokens)
+    shard_dir (absolute) and manifest_fingerprint of the data scored (see scored_data).
+    Raises ConfigError (block_size above the model's, eval_tokens below one window) or
+    ShardError."""
+    block_size = window_size(cfg, loaded)
+    split = open_split(scored_data(cfg, loaded), "val", model.cfg.vocab_size)
+    windows = ValidationWindows(split, block_size, cfg.eval_tokens, model.cfg.vocab_size)
     loss, tokens = estimate_loss(model, windows, cfg.micro_batch_size, device, autocast=autocast)
     return {
         "val_loss": loss,
@@ -95,7 +132,7 @@ def val_loss_result(
         "eval_tokens": tokens,
         "windows": windows.num_windows,
         "block_size": block_size,
-        "shard_dir": str(shard_dir),
+        **split.identity(),
     }
 
 
@@ -124,6 +161,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     raise_if(cfg.problems() + task_problems(cfg))
     tasks = _tasks(cfg)
     loaded = load_for_eval(_checkpoint(cfg), cfg.pretrained)
+    if "val_loss" in tasks:
+        window_size(cfg, loaded)  # before any scoring: a config error stops here
     device = resolve_device(cfg.cpu)
     if device.type == "cpu":
         keep_freed_memory_on_cpu()
@@ -132,7 +171,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     autocast = autocast_for(precision, device)
     result = {"checkpoint": loaded.source, "step": loaded.step, "tokens_seen": loaded.tokens_seen}
     if "val_loss" in tasks:
-        result |= val_loss_result(model, cfg, loaded.train_config, device, autocast)
+        result |= val_loss_result(model, cfg, loaded, device, autocast)
     result |= {
         "precision": precision,
         "evaluate_config": as_dict(cfg),

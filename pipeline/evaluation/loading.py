@@ -30,6 +30,9 @@ class Loaded:
     tokens_seen: int | None = None
     train_config: dict | None = None
     """The training config recorded in the checkpoint (None for imported weights)."""
+    data: dict | None = None
+    """The data the checkpoint was trained on: {"shard_dir": absolute folder,
+    "manifest_fingerprint": ...}; None for imported weights and older checkpoints."""
 
 
 def load_for_eval(checkpoint: str | None = None, pretrained: str | None = None) -> Loaded:
@@ -41,7 +44,8 @@ def load_for_eval(checkpoint: str | None = None, pretrained: str | None = None) 
         gpt, ckpt, state = load_model(checkpoint)
         eval_dir = ckpt.parent.parent / "eval"
         step, tokens = state["step"], state["tokens_seen"]
-        return Loaded(gpt, ckpt.name, str(ckpt), eval_dir, step, tokens, state["config"])
+        return Loaded(gpt, ckpt.name, str(ckpt), eval_dir, step, tokens, state["config"],
+                      state.get("data"))  # fmt: skip
     if pretrained is None:
         raise ValueError("pass a checkpoint or pretrained weights")
     folder = Path(pretrained)

@@ -12,7 +12,15 @@ from typing import Any
 from pipeline.files import write_json_atomic, write_text_atomic
 
 TASK_FIELDS = {
-    "val_loss": ("val_loss", "perplexity", "eval_tokens", "windows", "block_size", "shard_dir"),
+    "val_loss": (
+        "val_loss",
+        "perplexity",
+        "eval_tokens",
+        "windows",
+        "block_size",
+        "shard_dir",
+        "manifest_fingerprint",
+    ),
     "hellaswag": ("hellaswag",),
 }
 """The result fields each task writes."""

@@ -12,9 +12,10 @@ from accelerate import Accelerator
 
 from pipeline.config import CheckpointConfig
 from pipeline.data.loader import TrainLoader
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, raise_if
 from pipeline.model import GPT
 from pipeline.training.checkpoint import (
+    checkpoint_dir,
     full_state,
     list_checkpoints,
     load_checkpoint,
@@ -67,21 +68,79 @@ class Checkpointer:
         run if there is none; latest -> the same, but one must exist; never -> a new run,
         refusing a run folder with checkpoints; else a checkpoint folder path. Raises
         CheckpointError (also when the loader's position belongs to other data, another seed or
-        block_size), or ConfigError when the checkpoints cannot continue this run (check)."""
+        block_size), or ConfigError when the checkpoints cannot continue this run (check), or,
+        before any tensor is loaded, when the checkpoint was trained with another model.*,
+        block size or trainer.seed, or on other data (unless data.allow_other_data)."""
         if self.accelerator.is_main_process:
             remove_unfinished(self.run_dir)
         self.accelerator.wait_for_everyone()
-        path, saved = self._load(model, optimizer, check)
+
+        def fits(saved: dict) -> str | None:
+            resume = self.cfg.resume
+            where = (checkpoint_dir(self.run_dir, saved.get("step", 0))
+                     if resume in ("auto", "latest") else resolve_checkpoint(resume))  # fmt: skip
+            raise_if(self.resume_problems(saved, loader.data, f"checkpoint {where}"))
+            return check(saved)
+
+        path, saved = self._load(model, optimizer, fits)
         state = RunState()
         if saved is not None:
             try:
-                loader.load_state_dict(saved["loader"])
+                loader.load_state_dict(saved["loader"], other_data=self._allow_other_data)
             except ValueError as e:  # other data, seed or block_size: the sample order differs
                 raise CheckpointError(
                     f"{path}: {e}, or start a new run (another trainer.run_name)"
                 ) from e
             state.load_state_dict(saved)
         return path, state
+
+    @property
+    def _allow_other_data(self) -> bool:
+        return bool(self.config.get("data", {}).get("allow_other_data"))
+
+    def resume_problems(self, saved: dict, data: dict, where: str) -> list[str]:
+        """Why the checkpoint `where` (its state.json: `saved`) cannot continue this run, read from
+        what it records before any tensor is loaded: another model.* value, block size or
+        trainer.seed (each named with its old and new value), or other data (another manifest
+        fingerprint; accepted with data.allow_other_data). [] when it fits; checkpoints that
+        record none of it (older ones) fit."""
+        old, new = saved.get("config") or {}, self.config
+        changed = {  # key: (checkpoint's value, this run's)
+            f"model.{key}": (old["model"][key], value)
+            for key, value in new["model"].items()
+            if key in old.get("model", {}) and old["model"][key] != value
+        }
+        if "model" in old:
+            sizes = [c.get("data", {}).get("block_size") or c["model"]["block_size"]
+                     for c in (old, new)]  # fmt: skip
+            if sizes[0] != sizes[1] and "model.block_size" not in changed:
+                changed["data.block_size"] = tuple(sizes)
+        old_seed = old.get("trainer", {}).get("seed", new["trainer"]["seed"])
+        if old_seed != new["trainer"]["seed"]:
+            changed["trainer.seed"] = (old_seed, new["trainer"]["seed"])
+        out = []
+        if changed:
+            was = ", ".join(f"{k}={a}" for k, (a, _) in changed.items())
+            now = ", ".join(f"{k}={b}" for k, (_, b) in changed.items())
+            out.append(
+                f"{where} was trained with {was}; this launch sets {now}: resume with "
+                f"{was}, or start a new run (another trainer.run_name)"
+            )
+        trained_on = saved.get("data") or {}
+        fingerprint = trained_on.get("manifest_fingerprint")
+        if fingerprint and fingerprint != data["manifest_fingerprint"]:
+            if not self._allow_other_data:
+                out.append(
+                    f"{where} was trained on {trained_on['shard_dir']} (manifest fingerprint "
+                    f"{fingerprint[:12]}), this launch reads {data['shard_dir']} (fingerprint "
+                    f"{data['manifest_fingerprint'][:12]}): point data.shard_dir at the data "
+                    "it was trained on, or set data.allow_other_data=true to continue on this "
+                    "data"
+                )
+            else:
+                self.say(f"note: continuing on other data than {trained_on['shard_dir']} "
+                         "(data.allow_other_data=true)")  # fmt: skip
+        return out
 
     def _load(
         self, model: GPT, optimizer: Optimizers, check: Check
@@ -125,6 +184,7 @@ class Checkpointer:
             stable = self.last_stable_step is not None and state.step <= self.last_stable_step
             extra = {
                 "loader": loader.state_dict(),
+                "data": loader.data,  # absolute shard folder, manifest fingerprint
                 "config": self.config,
                 "max_steps": self.max_steps,
                 "extendable": stable,  # taken before a WSD run's decay

@@ -54,11 +54,12 @@ class Validator:
     ) -> Validator:
         """Open the validation split of data.shard_dir (when eval.tokens > 0) and load the
         HellaSwag items (when eval.hellaswag_items > 0). Raises ShardError, ConfigError (a split
-        too small for one window) or HellaSwagError."""
+        too small for one window) or HellaSwagError; validating raises ShardError, naming the
+        file, for a token id >= vocab_size."""
         windows = None
         if cfg.tokens > 0:
             split = open_split(data.shard_dir, "val", vocab_size, data.verify_checksums)
-            windows = ValidationWindows(split, block_size, cfg.tokens)
+            windows = ValidationWindows(split, block_size, cfg.tokens, vocab_size)
         hellaswag = []
         if cfg.hellaswag_items:
             hellaswag = load_items(resolve_path(cfg.hellaswag_path), limit=cfg.hellaswag_items)
