@@ -22,6 +22,7 @@ from helpers.paths import REPO
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import PrepareConfig, SourceConfig, conf_dir, register_configs, to_dataclass
+from pipeline.config.prepare import MIN_SHARD_SIZE
 from pipeline.data import shards, sources
 from pipeline.data import tokenizer as tok
 from pipeline.data.progress import PROGRESS
@@ -129,10 +130,11 @@ def test_round_trip(reference: Path, fineweb_sample: Path):
 
 
 def test_documents_span_several_shards(fineweb_sample: Path, tmp_path: Path):
-    docs = sample_docs(fineweb_sample, 40)
+    docs = sample_docs(fineweb_sample, 60)  # the 57th has 5,602 tokens
     longest = max(len(tok.tokenize_batch([d])) for d in docs)
     shard_size = longest // 3  # the longest document fills three shards or more
-    cfg = make_cfg(tmp_path, [str(fineweb_sample)], source_max_documents=40, shard_size=shard_size)
+    assert shard_size >= MIN_SHARD_SIZE
+    cfg = make_cfg(tmp_path, [str(fineweb_sample)], source_max_documents=60, shard_size=shard_size)
     cfg.val_tokens = 3 * shard_size
     check_output(prepare(cfg), docs, shard_size, 3 * shard_size)
 
@@ -155,10 +157,11 @@ def test_text_and_jsonl_sources(tmp_path: Path):
         ("*.txt", texts),  # one document per file, files in sorted order
         ("*.jsonl*", texts + texts[::-1]),  # .jsonl and .jsonl.gz are both json
     ]:
-        cfg = make_cfg(tmp_path / "out", [str(tmp_path / pattern)], shard_size=8, val_tokens=0)
+        size = MIN_SHARD_SIZE
+        cfg = make_cfg(tmp_path / "out", [str(tmp_path / pattern)], shard_size=size, val_tokens=0)
         cfg.name = pattern.replace("*", "").replace(".", "")
         folder = prepare(cfg)
-        check_output(folder, docs, 8, 0)
+        check_output(folder, docs, size, 0)
         manifest = shards.load_manifest(folder)
         assert manifest["splits"]["val"] == {"documents": 0, "tokens": 0, "shards": 0}
         assert manifest["shards"][0]["file"] == f"{cfg.name}_train_000000.bin"
@@ -335,7 +338,7 @@ def test_full_disk_keeps_completed_shards(fineweb_sample: Path, tmp_path: Path, 
         paths,
         source_max_documents=40,
         source_shuffle_buffer=100,
-        shard_size=997,
+        shard_size=MIN_SHARD_SIZE,
         val_tokens=3_000,
     )
     whole = prepare(dataclasses.replace(cfg, out_dir=str(tmp_path / "whole")))
@@ -468,7 +471,7 @@ def test_source_errors_before_any_work(tmp_path: Path, setup, message):
 def test_config_errors(fineweb_sample: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="source.kind='s3' is unknown"):
         prepare(make_cfg(tmp_path, [], source_kind="s3"))
-    with pytest.raises(ConfigError, match="shard_size=0 must be >= 1") as info:
+    with pytest.raises(ConfigError, match="shard_size=0 must be >= 1,025 tokens") as info:
         prepare(make_cfg(tmp_path, [str(fineweb_sample)], shard_size=0, num_workers=-1))
     assert "num_workers=-1" in str(info.value)  # every problem at once
     with pytest.raises(ConfigError, match="plain folder name"):

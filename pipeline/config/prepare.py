@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from pipeline.model import PRESETS
+
+MIN_SHARD_SIZE = max(preset.block_size for preset in PRESETS.values()) + 1
+"""The smallest shard_size prepare accepts: 1,025 tokens, one training window of the largest
+preset's block_size (1,024) + 1. The training loader takes its windows of block_size + 1
+tokens inside one shard (a window never spans two), so shards shorter than that hold no window
+and a split of thousands of tokens in such shards could not train at all."""
+
 
 @dataclass
 class SourceConfig:
@@ -59,7 +67,8 @@ class PrepareConfig:
     name: str | None = None
     """Output folder and shard prefix; null = source.name."""
     shard_size: int = 100_000_000
-    """Tokens per shard (the last shard of each split holds the rest). llm.c uses 1e8."""
+    """Tokens per shard (the last shard of each split holds the rest). llm.c uses 1e8; at least
+    MIN_SHARD_SIZE."""
     val_tokens: int = 100_000_000
     """Validation split size in tokens: whole documents, taken first from the stream, until at
     least this many tokens (so no document is split between validation and training)."""
@@ -78,8 +87,12 @@ class PrepareConfig:
 
     def problems(self) -> list[str]:
         out = self.source.problems()
-        if self.shard_size < 1:
-            out.append(f"shard_size={self.shard_size} must be >= 1 token")
+        if self.shard_size < MIN_SHARD_SIZE:
+            out.append(
+                f"shard_size={self.shard_size} must be >= {MIN_SHARD_SIZE:,} tokens: a training "
+                f"window (block_size + 1 = {MIN_SHARD_SIZE:,} tokens for the GPT-2 presets) "
+                "must fit inside one shard"
+            )
         if self.val_tokens < 0:
             out.append(f"val_tokens={self.val_tokens} must be >= 0")
         if self.num_workers < 0:

@@ -4,10 +4,15 @@ After every completed shard the record holds the settings the bytes depend on (a
 fingerprint), the completed shards and the stream position: documents whose tokens are all in
 completed shards, plus the tokens of the next document already written. A run started again with
 the same settings continues from it; the manifest replaces it when the run finishes.
+
+A run stopped by a file it cannot read (a broken json line, bytes that are not UTF-8) notes the
+file under REPAIRS: started again, it accepts the repaired file although its size changed, as
+long as the part before the bad line, all that the completed shards can hold of it, is unchanged.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -19,6 +24,7 @@ from pipeline.files import write_json_atomic
 
 PROGRESS = ".progress.json"
 ORDER = "stream_order"
+REPAIRS = "repairs"
 SETTINGS_KEYS = ("format_version", "name", "tokenizer", "source", "shard_size", "val_tokens")
 """What the bytes depend on: a run with other values for these writes other shards."""
 STREAM_ORDER = 2
@@ -63,8 +69,47 @@ def recorded_settings(out: Path) -> dict[str, Any]:
         settings = record["settings"]
     except (json.JSONDecodeError, KeyError):
         return {}
+    for repair in record.get(REPAIRS, []):
+        _accept_repair(settings, repair)
     order = record.get(ORDER, 1)
     return settings if order == STREAM_ORDER else {**settings, ORDER: order}
+
+
+def _head_sha256(path: Path, size: int) -> str | None:
+    """sha256 of the first `size` bytes of a file (decompressed, for .gz); None when the file
+    is missing, unreadable or shorter."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(size)
+    except (OSError, EOFError):
+        return None
+    return hashlib.sha256(head).hexdigest() if len(head) == size else None
+
+
+def record_repair(out: Path, path: Path, intact_bytes: int) -> None:
+    """Note in `<out>/.progress.json` that `path` stopped the run after its first intact_bytes
+    bytes: a run started again takes the file's new size as the recorded one while those bytes
+    are unchanged (recorded_settings), so the repaired file continues the run. Nothing is noted
+    without a progress record (no shard completed yet: nothing to keep)."""
+    try:
+        record = json.loads((out / PROGRESS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    entry = {"path": str(path), "bytes": intact_bytes, "sha256": _head_sha256(path, intact_bytes)}
+    others = [r for r in record.get(REPAIRS, []) if r["path"] != entry["path"]]
+    write_json_atomic(out / PROGRESS, {**record, REPAIRS: [*others, entry]})
+
+
+def _accept_repair(settings: dict[str, Any], repair: dict[str, Any]) -> None:
+    """Give the repaired file its current size in `settings` when its intact head is
+    unchanged."""
+    path = Path(repair["path"])
+    if repair["sha256"] is None or _head_sha256(path, repair["bytes"]) != repair["sha256"]:
+        return
+    for entry in settings.get("source", {}).get("files", []):
+        if entry["path"] == repair["path"]:
+            entry["bytes"] = path.stat().st_size
 
 
 @dataclass

@@ -4,8 +4,12 @@ read a row group at a time, json lines, text), shuffled with a buffer when asked
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import gzip
 import inspect
+import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +32,11 @@ BUILDERS = {
 }
 READ_BATCH = 256
 """Rows read from the `datasets` stream at a time."""
+JSON_BUILDER_LOGGER = "datasets.packaged_modules.json.json"
+"""The logger of `datasets`' json reader."""
+READ_ERRORS = (ValueError, pa.ArrowException, OSError, EOFError)
+"""What `datasets`' json and text readers raise for a file they cannot read: pyarrow's parse
+errors, UnicodeDecodeError (a ValueError), gzip's BadGzipFile (an OSError) and EOFError."""
 
 
 def resolve_files(source: SourceConfig) -> list[Path]:
@@ -95,11 +104,19 @@ def open_source(source: SourceConfig) -> datasets.IterableDataset:
     shuffled and truncated as configured. Nothing is downloaded into a cache.
 
     Raises ConfigError (invalid source, no file matches a pattern, unknown or mixed file types,
-    missing text column) or PrepareError (the hub dataset cannot be opened) before any document
-    is tokenized.
+    missing text column), PrepareError (the hub dataset cannot be opened) or UnreadableFileError
+    (the first rows of a json lines or text file cannot be read) before any document is
+    tokenized.
     """
+    return _open(source)[0]
+
+
+def _open(source: SourceConfig) -> tuple[datasets.IterableDataset, list[Path]]:
+    """open_source's stream, and the local json lines or text files it reads ([] for parquet
+    and hub sources): the files `_reading` looks into when the stream fails."""
     raise_if(source.problems())
     column_checked = False
+    text_files: list[Path] = []
     if source.kind == "local":
         files = resolve_files(source)
         builder = builder_for(files)
@@ -114,6 +131,9 @@ def open_source(source: SourceConfig) -> datasets.IterableDataset:
             ds = datasets.load_dataset(
                 builder, data_files=data_files, split="train", streaming=True, **extra
             )
+            text_files = files
+            # Its json reader logs every parse error before raising it; _reading reports it.
+            logging.getLogger(JSON_BUILDER_LOGGER).setLevel(logging.CRITICAL)
         where = f"{files[0]}" if len(files) == 1 else f"source.paths ({len(files)} files)"
     else:
         where = f"{source.dataset} ({source.config_name or 'default'} config)"
@@ -126,13 +146,128 @@ def open_source(source: SourceConfig) -> datasets.IterableDataset:
                 "access, or use a local source (source=local)"
             ) from e
     if not column_checked:
-        _check_text_column(ds, source.text_column, where)
+        with _reading(text_files):
+            _check_text_column(ds, source.text_column, where)
     ds = ds.select_columns([source.text_column])
     if source.shuffle_buffer > 0:
         ds = _shuffle(ds, source.shuffle_seed, source.shuffle_buffer)
     if source.max_documents is not None:
         ds = ds.take(source.max_documents)
-    return ds
+    return ds, text_files
+
+
+class UnreadableFileError(PrepareError):
+    """A json lines or text file of a local source with a line (or bytes) that cannot be read.
+
+    `intact_bytes`: how much of the file comes before the bad line, all that a run stopped by
+    it can have read (decompressed, for .gz). A run started again after the file is repaired
+    continues when those bytes are unchanged (pipeline.data.progress.record_repair).
+    """
+
+    def __init__(self, path: Path, where: str, problem: str, intact_bytes: int, fix: str):
+        self.path, self.intact_bytes = path, intact_bytes
+        super().__init__(
+            f"{path}, {where}: {problem}: {fix} and run the same command again (prepare keeps "
+            "the shards it completed and continues from them)"
+        )
+
+
+def find_unreadable(files: list[Path]) -> UnreadableFileError | None:
+    """The first place, in file order, that `datasets`' json or text reader cannot read: a
+    line that is not UTF-8 or not a JSON object (json), bytes that are not UTF-8 (text), a
+    .gz file that does not decompress; None when every file reads."""
+    for path in files:
+        try:
+            if builder_for([path]) == "text":
+                found = _text_problem(path)
+            else:
+                found = _json_problem(path)
+        except (OSError, EOFError) as e:  # a damaged .gz, or a file gone since
+            return UnreadableFileError(path, "the file", f"cannot be read ({e})", 0, "replace it")
+        if found is not None:
+            return found
+    return None
+
+
+def _text_problem(path: Path) -> UnreadableFileError | None:
+    """Where a plain-text file is not UTF-8. The file is one document that a run reads whole or
+    not at all, so nothing of it needs to stay as it is."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f"byte offset {e.start:,} (line {line})"
+        return UnreadableFileError(path, where, f"not UTF-8 ({e.reason})", 0, "save it as UTF-8")
+    return None
+
+
+def _json_problem(path: Path) -> UnreadableFileError | None:
+    """The first line of a json lines file that is not UTF-8 or not JSON objects (blank lines
+    and several objects on a line read, as in pyarrow); a file that starts with `[` is one JSON
+    array, read whole."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        offset = 0
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.lstrip().startswith(b"["):
+                return _json_array_problem(raw + f.read(), path)
+            try:
+                problem = _json_line_problem(raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 ({e.reason} at byte offset {offset + e.start:,})"
+            if problem:
+                fix = "fix or delete that line"
+                return UnreadableFileError(path, f"line {number:,}", problem, offset, fix)
+            offset += len(raw)
+    return None
+
+
+def _json_line_problem(line: str) -> str | None:
+    """What keeps one line of json lines from reading as JSON objects, or None."""
+    decoder, pos = json.JSONDecoder(), 0
+    while True:
+        while pos < len(line) and line[pos].isspace():
+            pos += 1
+        if pos == len(line):
+            return None
+        try:
+            value, pos = decoder.raw_decode(line, pos)
+        except json.JSONDecodeError as e:
+            return f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+        if not isinstance(value, dict):
+            return f"a JSON {type(value).__name__}, not an object {{...}}"
+
+
+def _json_array_problem(data: bytes, path: Path) -> UnreadableFileError | None:
+    """Where a file holding one JSON array fails to parse (read whole or not at all)."""
+    fix = "fix the file"
+    try:
+        json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return UnreadableFileError(path, f"line {line:,}", f"not UTF-8 ({e.reason})", 0, fix)
+    except json.JSONDecodeError as e:
+        problem = f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+        return UnreadableFileError(path, f"line {e.lineno:,}", problem, 0, fix)
+    return None
+
+
+@contextlib.contextmanager
+def _reading(files: list[Path]) -> Iterator[None]:
+    """Turn an error reading the json lines or text `files` into an UnreadableFileError naming
+    the file and its line (json) or byte offset (text): `datasets` names neither (its row
+    number counts from the start of a 10 MiB read block). The files are scanned only once the
+    stream has failed; an error that the scan cannot place in them is raised unchanged."""
+    try:
+        yield
+    except READ_ERRORS as e:
+        if isinstance(e, PrepareError) or not files:
+            raise
+        found = find_unreadable(files)
+        if found is None:
+            raise
+        raise found from e
 
 
 def parquet_stream(files: list[Path], column: str) -> datasets.IterableDataset:
@@ -221,27 +356,31 @@ def _shuffle(ds: datasets.IterableDataset, seed: int, buffer_size: int) -> datas
     return ds.shuffle(seed=seed, buffer_size=buffer_size, **extra)
 
 
-def _texts(ds: datasets.IterableDataset, column: str) -> Iterator[str]:
+def _texts(ds: datasets.IterableDataset, column: str, files: list[Path]) -> Iterator[str]:
     """The column's values, read READ_BATCH rows at a time (one Python dict per row costs the
-    reading process more than the whole batch)."""
+    reading process more than the whole batch). `files`: the json lines or text files behind
+    the stream, named with the line or byte that cannot be read if it fails (see _reading)."""
     start = 0
-    for batch in ds.iter(batch_size=READ_BATCH):
-        texts = batch[column]
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise PrepareError(
-                    f"document {start + i} of the stream has {type(text).__name__} in column "
-                    f"{column!r}, not text: set source.text_column to a string column or clean "
-                    "the data"
-                )
-        start += len(texts)
-        yield from texts
+    with _reading(files):
+        for batch in ds.iter(batch_size=READ_BATCH):
+            texts = batch[column]
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise PrepareError(
+                        f"document {start + i} of the stream has {type(text).__name__} in "
+                        f"column {column!r}, not text: set source.text_column to a string "
+                        "column or clean the data"
+                    )
+            start += len(texts)
+            yield from texts
 
 
 def iter_documents(source: SourceConfig) -> Iterator[str]:
     """The documents of a source, in stream order (shuffled when source.shuffle_buffer > 0).
 
     The source is opened and checked when this is called (see `open_source` for the errors),
-    so a bad source fails before any work; the documents are then read lazily.
+    so a bad source fails before any work; the documents are then read lazily, and a json lines
+    or text file that cannot be read stops them with an UnreadableFileError.
     """
-    return _texts(open_source(source), source.text_column)
+    ds, files = _open(source)
+    return _texts(ds, source.text_column, files)
