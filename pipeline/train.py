@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import register_configs, renamed_key_problems, to_dataclass
 from pipeline.errors import PREEMPTED, guard, raise_if
-from pipeline.training.loop import for_sweep_job, train
+from pipeline.training.loop import check_run_folder, for_sweep_job, train
 
 register_configs()
 
@@ -30,9 +30,11 @@ def main(cfg: DictConfig) -> float | None:
 
 @guard
 def check_command_line(argv: list[str]) -> None:
-    """Refuse keys that moved out of `trainer` (pipeline.config.RENAMED) before Hydra composes,
-    naming the new key, instead of Hydra's "Could not override" traceback."""
+    """Before Hydra runs: refuse keys that moved out of `trainer` (pipeline.config.RENAMED),
+    naming the new key, instead of Hydra's "Could not override" traceback; and a run folder
+    that cannot be created or is in use (pipeline.training.loop.check_run_folder)."""
     raise_if(renamed_key_problems(argv))
+    check_run_folder(argv)
 
 
 if __name__ == "__main__":

@@ -158,9 +158,7 @@ def test_zip_writer_failure_is_one_line_and_keeps_the_previous_checkpoint(
 def test_runs_dir_or_run_folder_that_is_a_file(sample_shards, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("mine\n")
-    # hydra.run.dir elsewhere: Hydra itself would fail on the file before the stage starts
-    hydra = f"hydra.run.dir={tmp_path / 'hydra'}"
-    done = run_module("train", *train_args(sample_shards, blocker), hydra, timeout=120)
+    done = run_module("train", *train_args(sample_shards, blocker), timeout=120)
     assert done.returncode == USER_ERROR, done.stderr
     assert done.stderr == (
         f"error: run run: its folder {blocker / 'run'} cannot be created: {blocker} is a file, "
@@ -170,7 +168,7 @@ def test_runs_dir_or_run_folder_that_is_a_file(sample_shards, tmp_path):
     with pytest.raises(OutputError, match=f"{blocker} is a file, not a folder"):
         train(train_config(tiny_run(sample_shards, tmp_path, "a_file")))  # the run folder
     assert blocker.read_text() == "mine\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "hydra"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
 @pytest.mark.parametrize("where", ["out_dir", "output folder"])

@@ -44,10 +44,22 @@ def launch_two_processes(args: list[str]) -> str:
     return done.stdout
 
 
+# Weights of two runs that differ only in summation order (two half-batch gradients averaged
+# across ranks, or one accumulated): AdamW divides by sqrt(v), so on embedding rows that see
+# a token once or twice the rounding of a ~1e-9 gradient moves the update by up to ~1e-5 of
+# max_lr 1e-2 per step (2.3e-5 measured on an Intel Xeon). ATOL is 1% of one step at max_lr:
+# far below what a wrong shard, average or step would move. AdamW hides a gradient scaled by a
+# constant, which the grad norm of every step (compared to 1e-3: FSDP's step 3 differs by
+# 3.6e-4, after its weights drifted as above) does not.
+WEIGHT_ATOL = 1e-4
+
+
 def assert_same_losses(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x, y)
+        if "grad_norm" in y:  # train records
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3), (x, y)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +91,7 @@ def test_two_processes_follow_the_one_process_run(single, double):
     two, one = final_weights(run_dir), final_weights(single)
     assert two.keys() == one.keys()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=WEIGHT_ATOL, msg=name)
 
 
 def test_two_process_checkpoint_resumes_on_one_process(sample_shards, single, double, tmp_path):
@@ -112,7 +124,7 @@ def test_fsdp_follows_the_one_process_run(single, sharded):
     assert full.keys() == one.keys()
     for name in one:
         assert full[name].shape == one[name].shape
-        torch.testing.assert_close(full[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(full[name], one[name], rtol=1e-4, atol=WEIGHT_ATOL, msg=name)
 
 
 def test_fsdp_checkpoint_resumes_on_one_process(sample_shards, single, sharded, tmp_path):

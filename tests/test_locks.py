@@ -90,13 +90,15 @@ def test_second_training_on_a_live_run_is_refused(sample_shards, tmp_path):
         while not ((run / "metrics.jsonl").is_file() and read_records(run, "train")):
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
-        second = run_module("train", *args, timeout=180)
+        recorded = (run / ".hydra" / "overrides.yaml").read_text()
+        second = run_module("train", *args, "trainer.max_steps=7", timeout=180)
         assert second.returncode == USER_ERROR, second.stderr
         holder = f"process {first.pid} on {socket.gethostname()}"
         assert second.stderr == held_message(
             "run run: its folder", run, "trainer.run_name or trainer.runs_dir", holder
         )
         assert first.poll() is None  # the first run is still training
+        assert (run / ".hydra" / "overrides.yaml").read_text() == recorded  # its config kept
     finally:
         os.killpg(first.pid, signal.SIGINT)
         _, err = first.communicate(timeout=120)

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from pipeline.config import TrainConfig, as_dict
+from pipeline.config import TrainConfig, as_dict, conf_dir
 from pipeline.data.loader import TrainLoader
 from pipeline.data.shards import open_split
 from pipeline.errors import ConfigError, NumericsError, raise_if
-from pipeline.files import folder_lock
+from pipeline.files import folder_lock, make_folder
 from pipeline.model import GPT, liger_available
 from pipeline.training.checkpointer import Checkpointer
 from pipeline.training.faults import StopSignal
@@ -100,8 +102,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     t, d, vocab, fsdp = cfg.trainer, cfg.data, cfg.model.vocab_size, cfg.runtime.fsdp
     main, run_dir, config = accelerator.is_main_process, Path(t.runs_dir) / t.run_name, as_dict(cfg)
     if main:  # before anything is written: a second process on this run stops here
-        held.enter_context(folder_lock(run_dir, f"run {t.run_name}: its folder",
-                                       "trainer.run_name or trainer.runs_dir"))  # fmt: skip
+        held.enter_context(folder_lock(run_dir, *_run_folder_words(t.run_name)))
     train_split = open_split(d.shard_dir, "train", vocab, d.verify_checksums)
     loader = TrainLoader(
         train_split, cfg.block_size, t.micro_batch_size, rank, world, t.seed, device, vocab
@@ -212,3 +213,30 @@ def for_sweep_job(cfg: TrainConfig) -> TrainConfig:
     cfg.trainer.run_name = f"{sweep}/{HydraConfig.get().job.num}"
     cfg.logger.group = cfg.logger.group or sweep
     return cfg
+
+
+def _run_folder_words(run_name: str) -> tuple[str, str]:
+    """(what, instead) for pipeline.files' folder checks of a run folder."""
+    return f"run {run_name}: its folder", "trainer.run_name or trainer.runs_dir"
+
+
+def check_run_folder(overrides: list[str]) -> None:
+    """Check the run folder of a single run before Hydra creates it and writes `.hydra/` into
+    it: a file where the folder must be, or another live process training the same run,
+    raises OutputError or FolderLockedError (exit 2) here instead of a Hydra traceback or a
+    rewritten `.hydra/config.yaml` of the live run. Only the main process (RANK 0 or unset)
+    probes the lock; setup() takes it for the whole run. Command lines with flags (`-m`,
+    `--cfg` ...) and ones that do not compose are left to Hydra, which reports them itself."""
+    if any(arg.startswith("-") for arg in overrides):
+        return
+    try:
+        with initialize_config_dir(conf_dir(), version_base="1.3"):
+            cfg = compose("train", [o for o in overrides if not o.startswith("hydra.")])
+        run_name, run_dir = cfg.trainer.run_name, Path(cfg.trainer.runs_dir) / cfg.trainer.run_name
+    except Exception:  # noqa: BLE001 - Hydra composes again in main() and reports the error
+        return
+    if os.environ.get("RANK", "0") != "0":
+        make_folder(run_dir, *_run_folder_words(run_name))
+        return
+    with folder_lock(run_dir, *_run_folder_words(run_name)):
+        pass
