@@ -20,7 +20,8 @@ PRICE ?= 2.5
 TOKENS_PER_S ?=
 SWEEP ?= lr_grid
 PROMPT ?= Hello, I'm a language model,
-OUT ?= hf/$(RUN)
+FORMAT ?= hf
+OUT ?= $(FORMAT)/$(RUN)
 HF_REPO ?=
 HELLASWAG ?=
 TOKENIZER_DIR ?=
@@ -42,17 +43,20 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: SOURCE=$(SOURCE) EXPERIMENT=$(EXPERIMENT) NPROC=$(NPROC) RUN=$(RUN) ARGS='<overrides>'"
 	@echo "  SWEEP=$(SWEEP) RUNS=$(RUNS) PLOT=$(PLOT) SHARDS_REPO= CHECKPOINT_REPO= STEP="
-	@echo "  PROMPT='$(PROMPT)' OUT=$(OUT) HF_REPO= HELLASWAG= TOKENIZER_DIR="
+	@echo "  PROMPT='$(PROMPT)' FORMAT=$(FORMAT) OUT=$(OUT) HF_REPO= HELLASWAG= TOKENIZER_DIR="
 	@echo "  MODEL=$(MODEL) TOKENS=$(TOKENS) GPUS=$(GPUS) PRICE=$(PRICE)"
 
+# Last, the book's package (llms-from-scratch, for `export --format book` and its tests): its
+# ch04 needs only torch, but its metadata asks for tensorflow, numpy<2.1 and Python <= 3.13.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install torch==2.13.0
 	$(VENV)/bin/pip install -e '.[dev]'
+	$(VENV)/bin/pip install --no-deps --ignore-requires-python llms-from-scratch==1.0.19
 	touch $@
 
-setup: $(VENV)/.installed ## Create .venv with torch 2.13.0 and the project (dev extra)
+setup: $(VENV)/.installed ## Create .venv with torch 2.13.0, the project (dev extra) and the book's package
 
 setup-gpu: ## Set up a fresh Ubuntu GPU machine (DATA_DISK=/dev/... to mount a data disk)
 	bash launch/setup_gpu_machine.sh
@@ -127,8 +131,9 @@ gpt2-hellaswag: $(VENV)/.installed ## HellaSwag of OpenAI's GPT-2 MODEL (gpt2 ..
 	$(PYTHON) -m pipeline.evaluate pretrained=$(MODEL) 'tasks=[hellaswag]' \
 	  $(if $(HELLASWAG),hellaswag_path=$(HELLASWAG)) $(ARGS)
 
-export: $(VENV)/.installed ## Write the newest checkpoint of runs/RUN as a Hugging Face GPT-2 folder OUT
-	$(PYTHON) -m pipeline.hf export runs/$(RUN) $(OUT) $(if $(TOKENIZER_DIR),--tokenizer-dir $(TOKENIZER_DIR))
+export: $(VENV)/.installed ## Write the newest checkpoint of runs/RUN to folder OUT in FORMAT: hf, book or llmc
+	$(PYTHON) -m pipeline.hf export runs/$(RUN) $(OUT) --format $(FORMAT) \
+	  $(if $(TOKENIZER_DIR),--tokenizer-dir $(TOKENIZER_DIR))
 
 push-hf: $(VENV)/.installed ## Upload the exported folder OUT to the hub model repo HF_REPO
 	$(call need,HF_REPO,gpt2-fineweb)

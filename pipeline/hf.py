@@ -1,4 +1,4 @@
-"""Entry point: `python -m pipeline.hf`. See pipeline.interop.hf_export."""
+"""Entry point: `python -m pipeline.hf`. See pipeline.interop.formats and hf_export."""
 
 from __future__ import annotations
 
@@ -6,21 +6,27 @@ import argparse
 from collections.abc import Sequence
 
 from pipeline.errors import guard
-from pipeline.interop.hf import CONFIG, WEIGHTS
-from pipeline.interop.hf_export import export_hf, push_hf
+from pipeline.interop.formats import FORMATS, export
+from pipeline.interop.hf_export import push_hf
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.hf",
-        description="Export checkpoints as Hugging Face GPT2LMHeadModel folders and push them.",
+        description="Export checkpoints (Hugging Face GPT2LMHeadModel, the book's GPTModel, "
+        "llm.c) and push Hugging Face folders.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write config.json and model.safetensors")
+    ex = sub.add_parser("export", help="write a checkpoint in one of the formats")
     ex.add_argument("checkpoint", help="runs/NAME (its newest checkpoint) or a step_* folder")
     ex.add_argument("out_dir", help="folder to write (created)")
     ex.add_argument(
-        "--tokenizer-dir", help="folder with OpenAI's encoder.json and vocab.bpe: also write them"
+        "--format", choices=list(FORMATS), default="hf", dest="fmt",
+        help="hf: config.json + model.safetensors (default); book: config.json + model.pth for "
+        "llms_from_scratch.ch04.GPTModel; llmc: model.bin for llm.c",
+    )  # fmt: skip
+    ex.add_argument(
+        "--tokenizer-dir", help="hf only: folder with OpenAI's encoder.json and vocab.bpe to add"
     )
     push = sub.add_parser("push", help="upload an exported folder to a model repo")
     push.add_argument("out_dir", help="a folder written by export")
@@ -31,10 +37,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point; errors exit through pipeline.errors.guard (`error: ...`, 2)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "export":
-        out = export_hf(args.checkpoint, args.out_dir, tokenizer_dir=args.tokenizer_dir)
-        print(f"wrote {out / CONFIG} and {out / WEIGHTS}")
+        if args.tokenizer_dir is not None and args.fmt != "hf":
+            parser.error(f"--tokenizer-dir is for --format hf only, not {args.fmt}")
+        paths = export(args.checkpoint, args.out_dir, args.fmt, tokenizer_dir=args.tokenizer_dir)
+        print("wrote " + " and ".join(str(p) for p in paths))
     else:
         url = push_hf(args.out_dir, args.repo_id, private=not args.public)
         print(f"pushed {args.out_dir}: {url}")

@@ -37,7 +37,7 @@ Writer = Callable[[Path], None]
 """Writes one file at the path it is given."""
 
 
-def _model_of(source: GPT | torch.nn.Module | str | os.PathLike) -> GPT:
+def model_of(source: GPT | torch.nn.Module | str | os.PathLike) -> GPT:
     """The GPT of a model (also compiled or DDP-wrapped), a checkpoint folder or a run folder
     (its newest checkpoint). Raises CheckpointError, or HFError for a module that is no GPT."""
     if isinstance(source, torch.nn.Module):
@@ -103,7 +103,7 @@ def export_hf(
     together or not at all (see write_all): an export that fails leaves an earlier one in
     out_dir as it was. `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it.
     Returns out_dir. Raises CheckpointError or HFError."""
-    model = _model_of(checkpoint_or_model)
+    model = model_of(checkpoint_or_model)
     tensors = to_hf_state_dict(model.state_dict(), model.cfg.vocab_size)
     config = json.dumps(hf_config(model.cfg), indent=2)
     writers: dict[str, Writer] = {
