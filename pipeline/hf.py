@@ -16,11 +16,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Export checkpoints as Hugging Face GPT2LMHeadModel folders and push them.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write config.json and model.safetensors")
+    ex = sub.add_parser("export", help="write config.json, model.safetensors and the tokenizer")
     ex.add_argument("checkpoint", help="runs/NAME (its newest checkpoint) or a step_* folder")
     ex.add_argument("out_dir", help="folder to write (created)")
     ex.add_argument(
-        "--tokenizer-dir", help="folder with OpenAI's encoder.json and vocab.bpe: also write them"
+        "--tokenizer-dir",
+        help="take OpenAI's encoder.json and vocab.bpe from this folder instead of tiktoken's "
+        "gpt2 files (its cache, TIKTOKEN_CACHE_DIR)",
     )
     push = sub.add_parser("push", help="upload an exported folder to a model repo")
     push.add_argument("out_dir", help="a folder written by export")
@@ -34,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "export":
         out = export_hf(args.checkpoint, args.out_dir, tokenizer_dir=args.tokenizer_dir)
-        print(f"wrote {out / CONFIG} and {out / WEIGHTS}")
+        print(f"wrote {out / CONFIG}, {out / WEIGHTS} and the GPT-2 tokenizer files")
     else:
         url = push_hf(args.out_dir, args.repo_id, private=not args.public)
         print(f"pushed {args.out_dir}: {url}")
