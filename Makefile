@@ -25,6 +25,7 @@ OUT ?= $(FORMAT)/$(RUN)
 HF_REPO ?=
 HELLASWAG ?=
 TOKENIZER_DIR ?=
+TASKS ?=
 RUNS ?= runs/$(RUN)
 PLOT ?= runs/loss.png
 need = $(if $($(1)),,$(error set $(1)=USER/NAME, e.g. make $@ $(1)=me/$(2)))
@@ -37,13 +38,13 @@ DEMO_ENV := $(if $(FINEWEB_SAMPLE),HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
 .PHONY: help setup setup-gpu demo prepare train train-auto resume evaluate test lint format clean \
 	upload-shards download-shards push-checkpoint pull-checkpoint max-batch memory cost sweep plot \
-	sample hellaswag gpt2-hellaswag export push-hf bench compare
+	sample hellaswag gpt2-hellaswag export push-hf bench compare lm-eval
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: SOURCE=$(SOURCE) EXPERIMENT=$(EXPERIMENT) NPROC=$(NPROC) RUN=$(RUN) ARGS='<overrides>'"
 	@echo "  SWEEP=$(SWEEP) RUNS=$(RUNS) PLOT=$(PLOT) SHARDS_REPO= CHECKPOINT_REPO= STEP="
-	@echo "  PROMPT='$(PROMPT)' FORMAT=$(FORMAT) OUT=$(OUT) HF_REPO= HELLASWAG= TOKENIZER_DIR="
+	@echo "  PROMPT='$(PROMPT)' FORMAT=$(FORMAT) OUT=$(OUT) HF_REPO= HELLASWAG= TOKENIZER_DIR= TASKS="
 	@echo "  MODEL=$(MODEL) TOKENS=$(TOKENS) GPUS=$(GPUS) PRICE=$(PRICE)"
 
 # Last, the book's package (llms-from-scratch, for `export --format book` and its tests): its
@@ -134,6 +135,9 @@ gpt2-hellaswag: $(VENV)/.installed ## HellaSwag of OpenAI's GPT-2 MODEL (gpt2 ..
 export: $(VENV)/.installed ## Write the newest checkpoint of runs/RUN to folder OUT in FORMAT: hf, book or llmc
 	$(PYTHON) -m pipeline.hf export runs/$(RUN) $(OUT) --format $(FORMAT) \
 	  $(if $(TOKENIZER_DIR),--tokenizer-dir $(TOKENIZER_DIR))
+
+lm-eval: $(VENV)/.installed ## lm-evaluation-harness on the newest checkpoint of runs/RUN (TASKS=a,b or a task YAML, ARGS: --limit N)
+	$(PYTHON) -m pipeline.lm_eval runs/$(RUN) $(if $(TASKS),--tasks $(TASKS)) $(ARGS)
 
 push-hf: $(VENV)/.installed ## Upload the exported folder OUT to the hub model repo HF_REPO
 	$(call need,HF_REPO,gpt2-fineweb)

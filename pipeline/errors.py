@@ -74,6 +74,10 @@ class HellaSwagError(DataError, ValueError):
     """A HellaSwag file that cannot be found, downloaded or parsed."""
 
 
+class LMEvalError(PipelineError, RuntimeError):
+    """lm-evaluation-harness missing, a task it does not know, or task data it cannot load."""
+
+
 class OutputError(PipelineError, OSError):
     """An output that cannot be written: a file where a folder must be, a full disk, a failed
     write. The message names it, says what is intact and what to do."""

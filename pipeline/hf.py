@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         "llms_from_scratch.ch04.GPTModel; llmc: model.bin for llm.c",
     )  # fmt: skip
     ex.add_argument(
-        "--tokenizer-dir", help="hf only: folder with OpenAI's encoder.json and vocab.bpe to add"
+        "--tokenizer-dir",
+        help="hf only: take OpenAI's encoder.json and vocab.bpe from this folder instead of "
+        "tiktoken's gpt2 files (its cache, TIKTOKEN_CACHE_DIR)",
     )
     push = sub.add_parser("push", help="upload an exported folder to a model repo")
     push.add_argument("out_dir", help="a folder written by export")

@@ -4,6 +4,7 @@ stage reads an exported folder."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -15,10 +16,11 @@ import torch
 from helpers.runs import final_weights
 from helpers.tiny import small_config
 from safetensors.torch import load_file
+from tiktoken_ext import openai_public
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from pipeline.config import EvaluateConfig
-from pipeline.data.tokenizer import get_encoding
+from pipeline.data.tokenizer import GPT2_FILES, OPENAI_FILES, get_encoding
 from pipeline.errors import USER_ERROR, HFError, guard
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.hellaswag import evaluate_hellaswag, load_items
@@ -45,8 +47,9 @@ def model() -> GPT:
 
 
 @pytest.fixture(scope="module")
-def exported(model, tmp_path_factory, shared_data):
-    return export_hf(model, tmp_path_factory.mktemp("hf"), tokenizer_dir=shared_data / "gpt2")
+def exported(model, tmp_path_factory):
+    """An export with the tokenizer files it always carries: tiktoken's own `gpt2` files."""
+    return export_hf(model, tmp_path_factory.mktemp("hf"))
 
 
 def test_transformers_loads_the_export_with_equal_logits(model, exported):
@@ -146,9 +149,26 @@ def test_a_failed_export_leaves_no_partial_files(
 
 def test_tokenizer_files_match_tiktoken(exported, shared_data):
     text = (shared_data / "text" / "the-verdict.txt").read_text()[:2000]
-    tokenizer = AutoTokenizer.from_pretrained(exported)
+    text += (shared_data / "text" / "tinyshakespeare_input.txt").read_text()[:2000]
+    tokenizer = AutoTokenizer.from_pretrained(exported)  # no other argument needed
     assert tokenizer(text)["input_ids"] == get_encoding().encode_ordinary(text)
-    assert tokenizer.eos_token_id == 50256
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == 50256 and len(tokenizer) == 50257
+    special = json.loads((exported / "special_tokens_map.json").read_text())
+    assert special == {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
+
+
+def test_tokenizer_files_are_tiktokens_own(model, exported, shared_data, tmp_path):
+    # the URLs and sha256 tiktoken builds `gpt2` from are the ones we read its cache by
+    source = inspect.getsource(openai_public.gpt2)
+    assert all(OPENAI_FILES + name in source and sha in source for name, sha in GPT2_FILES.items())
+    assert (exported / "vocab.json").read_bytes() == (
+        shared_data / "gpt2/encoder.json"
+    ).read_bytes()
+    assert (exported / "merges.txt").read_bytes() == (shared_data / "gpt2/vocab.bpe").read_bytes()
+    # --tokenizer-dir still takes OpenAI's files from a folder: the same export
+    export_hf(model, tmp_path, tokenizer_dir=shared_data / "gpt2")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / name).read_bytes() == (exported / name).read_bytes(), name
 
 
 def test_evaluate_reads_an_exported_folder(model, exported, shared_data):

@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import tiktoken
 
-from pipeline.errors import PrepareError
+from pipeline.errors import DataError, PrepareError
 
 TOKENIZER = "gpt2"
 """The tiktoken encoding of every shard (the manifest's "tokenizer")."""
@@ -27,6 +27,15 @@ VOCAB_SIZE = 50257
 EOT = 50256
 """`<|endoftext|>`: precedes every document. `encode_ordinary` never produces it (it is a special
 token, not a BPE rank), so its positions in a token stream are exactly the document starts."""
+
+OPENAI_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+GPT2_FILES = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+"""OpenAI's GPT-2 BPE files (under OPENAI_FILES) and their sha256: what tiktoken builds `gpt2`
+from (tiktoken_ext.openai_public.gpt2 pins the same URLs and hashes). Hugging Face's GPT-2
+tokenizer reads the same files as vocab.json and merges.txt."""
 
 IN_FLIGHT_PER_WORKER = 2
 """Batches queued per worker process: enough to keep every worker busy while the main process
@@ -51,6 +60,25 @@ def get_encoding() -> tiktoken.Encoding:
         raise PrepareError(
             f"cannot load the {TOKENIZER!r} tokenizer ({type(e).__name__}: {e}); without network "
             "set TIKTOKEN_CACHE_DIR to a folder holding its files (e.g. shared/data/tiktoken_cache)"
+        ) from e
+
+
+def gpt2_files() -> dict[str, bytes]:
+    """OpenAI's encoder.json and vocab.bpe (GPT2_FILES), the files of tiktoken's `gpt2`, read
+    the way tiktoken reads them: from its cache (TIKTOKEN_CACHE_DIR, each file named by the
+    sha1 of its URL) or downloaded into it, and checked against their sha256. Raises DataError
+    when they can be neither found nor downloaded."""
+    from tiktoken.load import read_file_cached
+
+    try:
+        return {
+            name: read_file_cached(OPENAI_FILES + name, sha) for name, sha in GPT2_FILES.items()
+        }
+    except Exception as e:  # requests/OS errors offline, ValueError for a hash mismatch
+        raise DataError(
+            f"cannot read the {TOKENIZER!r} tokenizer files ({type(e).__name__}: {e}); without "
+            "network set TIKTOKEN_CACHE_DIR to a folder holding them (e.g. "
+            "shared/data/tiktoken_cache)"
         ) from e
 
 

@@ -1,6 +1,8 @@
 """Evaluation results on disk: `<eval_dir>/<name>.json` (the result), `<name>.md` (its
-Markdown table) and `summary.md` (one row per result of the folder), plus the few lines the
-evaluate command prints. This module writes and reads these files; nothing else does."""
+Markdown table), `<name>.lm_eval.json` (lm-evaluation-harness results of the same checkpoint)
+and `summary.md` (one row per result of the folder, then a table of lm-eval metrics per
+checkpoint), plus the few lines the evaluate and lm_eval commands print. This module writes
+and reads these files; nothing else does."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.files import make_folder, write_json_atomic, write_text_atomic
 
 TASK_FIELDS = {
     "val_loss": (
@@ -27,6 +29,8 @@ TASK_FIELDS = {
 TASKS = tuple(TASK_FIELDS)
 """The evaluation tasks, in the order results list them."""
 SUMMARY = "summary.md"
+LM_EVAL = ".lm_eval.json"
+"""Suffix of the lm-evaluation-harness results of a checkpoint (`<name>.lm_eval.json`)."""
 
 
 def keep_earlier_tasks(result: dict, out: Path) -> dict:
@@ -85,18 +89,31 @@ def _step_order(item: tuple[str, dict]) -> tuple:
     return (step is not None, step or 0, r.get("parameters") or 0, name)
 
 
-def read_results(eval_dir: str | os.PathLike) -> dict[str, dict]:
-    """Every evaluation JSON of a folder by file stem, ordered by step (imported weights, which
-    have none, first, by size); files that are not evaluation results are skipped."""
+def _read_json_files(eval_dir: str | os.PathLike, lm_eval: bool) -> dict[str, dict]:
+    """The evaluation results (lm_eval: the lm-eval results) of a folder by checkpoint name,
+    ordered by step; files that are not such results are skipped."""
     found = {}
     for path in Path(eval_dir).glob("*.json"):
+        if path.name.endswith(LM_EVAL) != lm_eval:
+            continue
         try:
             r = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(r, dict) and "checkpoint" in r:
-            found[path.stem] = r
+            found[path.name.removesuffix(LM_EVAL if lm_eval else ".json")] = r
     return dict(sorted(found.items(), key=_step_order))
+
+
+def read_results(eval_dir: str | os.PathLike) -> dict[str, dict]:
+    """Every evaluation JSON of a folder by file stem, ordered by step (imported weights, which
+    have none, first, by size); files that are not evaluation results are skipped."""
+    return _read_json_files(eval_dir, lm_eval=False)
+
+
+def read_lm_eval_results(eval_dir: str | os.PathLike) -> dict[str, dict]:
+    """Every `<name>.lm_eval.json` of a folder by checkpoint name, ordered by step."""
+    return _read_json_files(eval_dir, lm_eval=True)
 
 
 def summary_markdown(title: str, results: dict[str, dict]) -> str:
@@ -108,14 +125,79 @@ def summary_markdown(title: str, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lm_eval_rows(record: dict) -> list[tuple[str, ...]]:
+    """(task, metric, value, stderr, n-shot, samples) of every metric of an lm-eval record."""
+    rows = []
+    for task, entry in record["tasks"].items():
+        samples = _fmt(entry.get("samples"), ",d")
+        if entry.get("of") not in (None, entry.get("samples")):
+            samples += f" of {entry['of']:,}"
+        for metric, m in entry["metrics"].items():
+            rows.append((task, metric, _fmt(m["value"], ".4f"), _fmt(m.get("stderr"), ".4f"),
+                         _fmt(entry.get("num_fewshot"), "d"), samples))  # fmt: skip
+    return rows
+
+
+def lm_eval_table(record: dict) -> str:
+    """A Markdown table of one lm-eval record: task, metric, value, stderr, n-shot, samples."""
+    lines = ["| task | metric | value | stderr | n-shot | samples |", "|" + " --- |" * 6]
+    lines += ["| " + " | ".join(row) + " |" for row in lm_eval_rows(record)]
+    return "\n".join(lines) + "\n"
+
+
+def lm_eval_markdown(records: dict[str, dict]) -> str:
+    """The lm-evaluation-harness section of summary.md: one table per checkpoint."""
+    parts = ["## lm-evaluation-harness\n"]
+    for name, r in records.items():
+        version = {e.get("lm_eval_version") for e in r["tasks"].values()} - {None}
+        about = f" (lm-eval {', '.join(sorted(version))})" if version else ""
+        parts += [f"### {name}{about}\n", lm_eval_table(r)]
+    return "\n".join(parts)
+
+
+def write_summary(eval_dir: Path) -> None:
+    """Write the folder's summary.md (atomically): a row per evaluation result, then the
+    lm-eval tables, each part only when the folder has such results."""
+    title = f"Evaluations of {eval_dir.parent.name}"
+    results, lm_eval = read_results(eval_dir), read_lm_eval_results(eval_dir)
+    text = summary_markdown(title, results) if results or not lm_eval else f"# {title}\n"
+    if lm_eval:
+        text += "\n" + lm_eval_markdown(lm_eval)
+    write_text_atomic(eval_dir / SUMMARY, text)
+
+
 def write_reports(result: dict, out: Path) -> None:
     """Write result as JSON at `out`, its Markdown table beside it (`.md`), and the folder's
     summary.md over all its results; each file atomically (pipeline.files)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)
     write_text_atomic(out.with_suffix(".md"), checkpoint_markdown(out.stem, result))
-    title = f"Evaluations of {out.parent.parent.name}"
-    write_text_atomic(out.parent / SUMMARY, summary_markdown(title, read_results(out.parent)))
+    write_summary(out.parent)
+
+
+def keep_earlier_lm_eval_tasks(record: dict, out: Path) -> dict:
+    """record, plus the tasks of an earlier lm-eval record of the same checkpoint (the JSON at
+    `out`: same folder, step and model sha256) that this one did not run; a task run again
+    replaces its earlier entry."""
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        return record
+    key = ("checkpoint", "step", "model_sha256")
+    if not isinstance(earlier, dict) or [earlier.get(k) for k in key] != [record[k] for k in key]:
+        return record
+    kept = {t: e for t, e in earlier.get("tasks", {}).items() if t not in record["tasks"]}
+    return {**record, "tasks": kept | record["tasks"]}
+
+
+def write_lm_eval_report(record: dict, eval_dir: Path, name: str) -> Path:
+    """Write an lm-eval record as `<eval_dir>/<name>.lm_eval.json` (keeping the tasks of an
+    earlier record of the same checkpoint, see keep_earlier_lm_eval_tasks) and the folder's
+    summary.md, atomically; returns the JSON's path."""
+    out = make_folder(eval_dir, "evaluation folder", "checkpoint") / f"{name}{LM_EVAL}"
+    write_json_atomic(out, keep_earlier_lm_eval_tasks(record, out))
+    write_summary(eval_dir)
+    return out
 
 
 # --------------------------------------------------------------------------- terminal
