@@ -227,6 +227,21 @@ def test_empty_prompt_samples_from_end_of_text(run_dir):
     assert not done.stdout.startswith("<|endoftext|>")
 
 
+def test_hellaswag_ending_longer_than_the_block_size_is_one_line(run_dir, shared_data):
+    """The tiny model's block_size is 64; some HellaSwag endings take more tokens."""
+    path = shared_data / "hellaswag" / "hellaswag_val_klosax.jsonl"
+    enc = get_encoding()
+    first = next(i for i, line in enumerate(path.read_text().splitlines())
+                 if max(len(enc.encode_ordinary(" " + e))
+                        for e in json.loads(line)["endings"]) >= 65)  # fmt: skip
+    done = run_module("evaluate", f"checkpoint={run_dir}", "tasks=[hellaswag]",
+                      f"hellaswag_path={path}", "sample_tokens=0", timeout=180)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: HellaSwag item {first}: an ending of ")
+    assert "does not fit the model's block_size 64 with one token of context" in done.stderr
+    assert done.stderr.endswith("(evaluate: tasks=[val_loss]; training: eval.hellaswag_items=0)\n")
+
+
 # --------------------------------------------------------------------------- item 12: cut metrics
 
 

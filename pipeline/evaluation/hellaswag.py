@@ -193,16 +193,18 @@ def encode_item(item: Item, encode: Callable[[str], list[int]], max_row: int) ->
 
     A row longer than max_row tokens loses tokens from the left of its context (the ending is
     kept whole). max_row = block_size + 1: the model reads row[:-1] and predicts row[1:].
-    Raises ValueError when an ending alone needs more than max_row - 1 tokens.
+    Raises HellaSwagError (exit 2) when an ending alone needs more than max_row - 1 tokens.
     """
     ctx = encode(item.ctx)
     rows, lengths = [], []
     for ending in item.endings:
         end = encode(" " + ending)
         if len(end) >= max_row:
-            raise ValueError(
+            raise HellaSwagError(
                 f"an ending of {len(end)} tokens does not fit the model's block_size "
-                f"{max_row - 1} with one token of context"
+                f"{max_row - 1} with one token of context: score HellaSwag with a model of a "
+                "longer block_size, or leave it out (evaluate: tasks=[val_loss]; training: "
+                "eval.hellaswag_items=0)"
             )
         rows.append(tuple((ctx + end)[-max_row:]))
         lengths.append(len(end))
@@ -300,7 +302,8 @@ def evaluate_hellaswag(
     model sees one shape and compiles once (with data-dependent shapes torch.compile recompiles,
     then falls back to dynamic shapes); None = on for a compiled model. Eager models pad each
     batch only to its own longest row, which is faster. The model is left in the mode it had.
-    Raises ValueError for no items or an ending longer than the block size.
+    Raises ValueError for no items, HellaSwagError (naming the item) for an ending longer
+    than the block size.
     """
     if not items:
         raise ValueError("no HellaSwag items to score")
@@ -308,7 +311,12 @@ def evaluate_hellaswag(
     fixed = _is_compiled(model) if fixed_shape is None else fixed_shape
     enc = get_encoding()
     # encode_ordinary equals llm.c's enc.encode on this text (it has no special tokens).
-    encoded = [encode_item(item, enc.encode_ordinary, cfg.block_size + 1) for item in items]
+    encoded = []
+    for i, item in enumerate(items):
+        try:
+            encoded.append(encode_item(item, enc.encode_ordinary, cfg.block_size + 1))
+        except HellaSwagError as e:
+            raise HellaSwagError(f"HellaSwag item {i}: {e}") from None
     seq_len = max(len(r) for e in encoded for r in e.rows) - 1 if fixed else None
     mine, weights = rank_share(len(encoded), rank, world_size)
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # acc, acc_norm, items
