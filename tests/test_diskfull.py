@@ -5,6 +5,7 @@ complete, so the same command continues once the cause is fixed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -90,6 +91,28 @@ def test_disk_full_while_checkpointing(sample_shards, small_disk):
     assert again.returncode == 0, again.stderr
     assert f"resuming from {first}" in again.stdout
     assert list_checkpoints(run)[-1].name == "step_0000003"
+
+
+def test_disk_full_while_appending_metrics_keeps_complete_records(sample_shards, small_disk):
+    """32 KiB left, no checkpoints: metrics.jsonl fills the disk after some steps; it keeps
+    only whole records (the part of the record being written is cut off again)."""
+    (small_disk.path / "filler").write_bytes(b"x" * (2 * 1024 * 1024 - 32 * 1024))
+    args = train_args(sample_shards, small_disk.path, "trainer.max_steps=400",
+                      "checkpoint.interval=0")  # fmt: skip
+    done = run_module("train", *args, timeout=300)
+    metrics = small_disk.path / "run" / "metrics.jsonl"
+    assert done.returncode == USER_ERROR, done.stderr
+    assert done.stderr.startswith(f"error: writing {metrics} failed: the disk is full (")
+    assert done.stderr.endswith(
+        "; metrics.jsonl keeps its complete records and the checkpoints are intact: free disk "
+        "space and run the same command again (it resumes from the newest checkpoint, or "
+        "starts again when the run has none)\n"
+    )
+    text = metrics.read_text()
+    assert text.endswith("\n")
+    records = [json.loads(line) for line in text.splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert 10 < len(steps) < 400 and steps == list(range(1, len(steps) + 1))
 
 
 def test_disk_full_while_writing_shards(fineweb_sample, small_disk, tmp_path):

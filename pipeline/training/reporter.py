@@ -18,8 +18,9 @@ from pipeline.config import LoggerConfig
 from pipeline.files import write_failed
 from pipeline.training import runlog
 
-CHECKPOINTS_INTACT = ("the checkpoints are intact: free disk space and run the same command "
-                      "again (it resumes from the newest checkpoint)")  # fmt: skip
+CHECKPOINTS_INTACT = ("metrics.jsonl keeps its complete records and the checkpoints are intact: "
+                      "free disk space and run the same command again (it resumes from the "
+                      "newest checkpoint, or starts again when the run has none)")  # fmt: skip
 
 
 def main_print(enabled: bool) -> Callable[..., None]:
@@ -91,12 +92,15 @@ class Reporter:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, **metrics}
+        complete = os.fstat(self.file.fileno()).st_size  # bytes: every earlier write was flushed
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        except OSError as e:  # a full disk: close now, so closing later cannot fail again
-            with contextlib.suppress(OSError):
+        except OSError as e:  # a full disk: close now, so closing later cannot fail again,
+            with contextlib.suppress(OSError):  # and cut the part of this record written
                 self.file.close()
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, complete)
             raise write_failed(self.path, e, CHECKPOINTS_INTACT) from e
         if self.wandb is not None:
             logged = {f"{kind}/{k}": v for k, v in metrics.items()}
