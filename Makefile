@@ -143,7 +143,7 @@ push-hf: $(VENV)/.installed ## Upload the exported folder OUT to the hub model r
 	$(call need,HF_REPO,gpt2-fineweb)
 	$(PYTHON) -m pipeline.hf push $(OUT) $(HF_REPO)
 
-bench: $(VENV)/.installed ## Measure prepare, loader, training throughput and memory into BENCHMARKS.md (ARGS: --only ...)
+bench: $(VENV)/.installed ## Measure prepare, loader, training throughput, memory and sampling into BENCHMARKS.md (ARGS: --only ...)
 	$(PYTHON) -m pipeline.bench $(ARGS)
 
 compare: $(VENV)/.installed ## Tune AdamW and Muon on the tiny model (sweeps), compare the best into BENCHMARKS.md (hours on a CPU)

@@ -1,4 +1,4 @@
-"""GPT-2 in one file: config, modules, initialisation, generation.
+"""GPT-2 in one file: config, modules, initialisation, generation (with a KV cache).
 
 Follows the OpenAI GPT-2 release (Radford et al. 2019) as reproduced by nanoGPT and llm.c:
 pre-LayerNorm blocks, GELU (tanh approximation) MLP of width 4·n_embd, learned position
@@ -201,6 +201,31 @@ def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return LigerFusedLinearCrossEntropyLoss(**kwargs)(weight, x, targets)
 
 
+class KVCache:
+    """One layer's keys and values during generation, so that each new token costs a forward of
+    that token alone instead of the whole context. Buffers of (B, n_head, block_size, head_dim),
+    allocated at the first write in the dtype of the keys (bf16 under autocast); positions
+    0..length-1 are filled. GPT.generate keeps one per layer."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.k: torch.Tensor | None = None  # (B, n_head, block_size, head_dim)
+        self.v: torch.Tensor | None = None  # (B, n_head, block_size, head_dim)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_head, T, head_dim) at the next T positions; return the keys and
+        values of every position so far, 2 × (B, n_head, length, head_dim)."""
+        if self.k is None:
+            B, n_head, _, head_dim = k.shape
+            self.k = k.new_empty(B, n_head, self.block_size, head_dim)
+            self.v = torch.empty_like(self.k)
+        start, self.length = self.length, self.length + k.size(2)
+        self.k[:, :, start : self.length] = k
+        self.v[:, :, start : self.length] = v
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -211,14 +236,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_scale_init = True
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Flash attention on CUDA (bf16/fp16), memory-efficient or math kernel elsewhere.
+        if kv is not None:
+            k, v = kv.append(k, v)  # 2 × (B, n_head, cached + T, head_dim)
+        # Flash attention on CUDA (bf16/fp16), memory-efficient or math kernel elsewhere. Causal
+        # over T new positions (training, a prefill: nothing cached before them); one new token
+        # decoded after the cache attends to every cached position, so it needs no mask.
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=kv is None or T > 1, dropout_p=self.dropout if self.training else 0.0
         )  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -245,8 +274,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # pre-LayerNorm residual block (GPT-2 §2.3)
+    def forward(self, x: torch.Tensor, kv: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv)  # pre-LayerNorm residual block (GPT-2 §2.3)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -310,6 +339,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         all_logits: bool = False,
         reduction: str = "mean",
+        cache: list[KVCache] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) int64 token ids, T ≤ block_size. targets: (B, T) int64 or None.
 
@@ -320,20 +350,29 @@ class GPT(nn.Module):
         CUDA), except with loss_impl "full", which returns them (B, T, V). Without targets:
         loss None and only the last position's logits (B, 1, V), for generation, or all of them
         (B, T, V) with all_logits (scoring, e.g. HellaSwag).
+
+        cache (generation, see generate): one KVCache per layer; idx continues the positions
+        cached, which the attention reads and extends: the whole prompt into an empty cache
+        (the prefill), then one token at a time.
         """
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        start = cache[0].length if cache else 0  # positions before idx, held in the cache
+        if start + T > self.cfg.block_size:
+            raise ValueError(
+                f"sequence length {start + T} exceeds block_size {self.cfg.block_size}"
+            )
+        if start and T > 1:
+            raise ValueError(f"{T} tokens after {start} cached: a cache takes one token at a time")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.transformer.drop(
             self.transformer.wte(idx) + self.transformer.wpe(pos)
         )  # (B, T, C)
-        for block in self.transformer.h:
-            if self.activation_checkpointing and self.training:
+        for i, block in enumerate(self.transformer.h):
+            if self.activation_checkpointing and self.training and cache is None:
                 # Keep only the block's input; recompute its activations in the backward.
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)  # (B, T, C)
+                x = block(x, cache[i] if cache else None)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x if all_logits else x[:, [-1], :]), None  # (B, T or 1, V)
@@ -363,15 +402,31 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Sample max_new_tokens continuations of idx (B, T) int64; returns (B, T + max_new_tokens).
 
         temperature 0 is greedy decoding; top_k keeps the k most likely tokens; top_p keeps the
         smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2019).
         Padding rows beyond vocab_size are never sampled. The context is cropped to block_size.
+
+        use_cache keeps every layer's keys and values (KVCache): one forward of the prompt (the
+        prefill), then one forward of each new token. The position embeddings are learned for
+        positions 0..block_size-1 only, so a cached context cannot slide: once the prompt and
+        the new tokens exceed block_size, each step recomputes from the last block_size tokens
+        (a new prefill), as without the cache, which saves nothing from there on.
+        use_cache=False runs the whole context at every step (the reference in the tests).
         """
+        block_size, cache = self.cfg.block_size, None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size :])
+            context = idx[:, -block_size:]  # (B, T ≤ block_size)
+            if not use_cache:
+                logits, _ = self(context)  # (B, 1, V)
+            elif cache and cache[0].length == context.size(1) - 1:
+                logits, _ = self(context[:, -1:], cache=cache)  # the newest token alone
+            else:  # the prompt, or a window slid past block_size: no cached position holds
+                cache = [KVCache(block_size) for _ in self.transformer.h]
+                logits, _ = self(context, cache=cache)
             logits = logits[:, -1, : self.cfg.vocab_size].float()  # (B, vocab_size)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)

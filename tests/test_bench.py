@@ -18,7 +18,15 @@ from pipeline.tools.bench.loader import bench_loader, render_loader
 from pipeline.tools.bench.loss import bench_loss, render_loss
 from pipeline.tools.bench.memory import bench_memory, render_memory
 from pipeline.tools.bench.prepare import bench_prepare, documents_source, render_prepare
-from pipeline.tools.bench.render import NO_GPU, RunInfo, merge_benchmarks, render_section
+from pipeline.tools.bench.render import (
+    NO_GPU,
+    RunInfo,
+    device_section,
+    merge_benchmarks,
+    render_section,
+    replace_parts,
+)
+from pipeline.tools.bench.sample import bench_sample, render_sample
 from pipeline.tools.bench.train import TrainResult, bench_train, pool_runs, render_train
 from pipeline.tools.memory import GIB, estimate_memory
 
@@ -130,3 +138,42 @@ def test_memory_benchmark_without_cuda_gives_estimates_up_to_the_cap():
     text = render_memory(results)
     assert "not measurements" in text and "| micro_batch_size | gpt2 (124M) GiB |" in text
     assert f"gpt2 {small.largest}, gpt2_medium {medium.largest}" in text
+
+
+def test_sample_benchmark_times_both_ways_and_checks_the_tokens():
+    result = bench_sample("tiny", prompt_tokens=4, new_tokens=3, repeats=2, threads=(2, 1))
+    ways = [(r.threads, r.use_cache) for r in result.rounds]
+    assert ways == [(t, c) for t in (2, 1) for c in (True, False, False, True)]  # alternating
+    assert result.same_tokens and all(r.seconds > 0 for r in result.rounds)
+    assert result.speedup(1) > 0 and result.params == 7_265_024 and result.threads == [2, 1]
+    text = render_sample(result)
+    assert text.startswith("### sample:") and "All calls gave the same tokens" in text
+    assert "| fastest of 2 | 2 | on |" in text and "| fastest of 2 | 1 | off |" in text
+    assert "× faster** on 2 threads, **" in text and "× faster** on 1 thread (" in text
+
+
+def test_a_run_of_some_benchmarks_replaces_only_their_parts(tmp_path):
+    started = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    load = (1.0, 2.0, 3.0)
+    info = RunInfo("python -m pipeline.bench", started, 9.0, load, load, {"python": "3"})
+    device = Device("cpu: a", "CPU: a", "cpu", 2, None)
+    parts = ["### prepare: p\n\nold prepare", "### loss: l\n\nold loss\n\n#### sub\n\nx"]
+    text = merge_benchmarks("", "cpu: a", render_section(device, info, parts))
+    old = device_section(text, "cpu: a")
+    new = replace_parts(old, ["### loss: l\n\nnew loss", "### sample: s\n\nnew"], "NOTE.")
+    assert new.startswith(old.split("### ")[0]) and new.endswith("<!-- bench:end -->\n")
+    assert "old prepare" in new and "old loss" not in new and "#### sub" not in new
+    assert "### loss: l\n\nNOTE.\n\nnew loss\n\n### sample: s\n\nNOTE.\n\nnew\n<!--" in new
+    # the command line: --only keeps the other parts and notes when the new one was measured
+    out = tmp_path / "BENCHMARKS.md"
+    main(["--quick", "--only", "memory", "--out", str(out)])
+    first = out.read_text()
+    main(["--quick", "--only", "sample", "--out", str(out)])
+    text = out.read_text()
+    assert "### memory" in text and "### sample" in text
+
+    def memory(md: str) -> str:
+        return md.split("### memory")[1].split("### sample")[0].split("<!-- bench:end")[0]
+
+    assert memory(text).rstrip() == memory(first).rstrip()
+    assert "Measured on its own: " in text.split("### sample")[1]

@@ -96,6 +96,10 @@ class SampleConfig:
     num_samples: int = 1
     cpu: bool = False
     """Sample on the CPU even when a GPU is present."""
+    use_cache: bool = True
+    """Keep every layer's keys and values while generating (KV cache: each new token costs one
+    position's forward); false recomputes the whole context for every token (same tokens,
+    slower)."""
 
     def problems(self) -> list[str]:
         out = []

@@ -4,7 +4,7 @@ Prints continuations of a prompt from a checkpoint (a run folder's newest by def
 OpenAI's GPT-2 weights (`pretrained=gpt2`, ..., `gpt2-xl`) or from a Hugging Face GPT-2 folder
 (`pretrained=path`). temperature=0 decodes greedily (the same text every time); otherwise each
 sample i is drawn with its own generator seeded with seed + i, after top-k and nucleus (top-p)
-filtering (see pipeline.model.GPT.generate).
+filtering (see pipeline.model.GPT.generate), with the KV cache unless use_cache=false.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def sample(cfg: SampleConfig) -> list[str]:
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             top_p=cfg.top_p,
+            use_cache=cfg.use_cache,
         )
         for i in range(cfg.num_samples)
     ]

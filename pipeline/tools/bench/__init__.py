@@ -16,15 +16,18 @@
   (B, T, V) logits (full): the tiny model at 16 x 256 and GPT-2 124M at 4 x 1024.
 - memory: peak training memory of GPT-2 124M and 350M per micro-batch size, and the largest
   micro-batch that fits on an 80 GB GPU (measured on CUDA; the analytic estimate without it).
+- sample: greedy generation of 256 tokens after a 32-token prompt by GPT-2 124M, with the KV
+  cache and without it.
 
 The data come from $FINEWEB_SAMPLE and $TIKTOKEN_CACHE_DIR, by default under $SHARED_DATA or
 `../shared/data` beside the repository (as in tests/conftest.py). The output file keeps one
-section per device: a run replaces the section of its own device and keeps the others. Nothing
-runs at import time.
+section per device: a run of every benchmark replaces the section of its own device and keeps
+the others; a run of some (--only) replaces only their parts of that section, each with a note
+of its date, command and load. Nothing runs at import time.
 
-One module per benchmark (prepare, loader, train, loss, memory: each measures and renders its
-section) on `host` (the machine), `child` (fresh processes) and `render` (BENCHMARKS.md); this
-one is the command line.
+One module per benchmark (prepare, loader, train, loss, memory, sample: each measures and
+renders its section) on `host` (the machine), `child` (fresh processes) and `render`
+(BENCHMARKS.md); this one is the command line.
 """
 
 from __future__ import annotations
@@ -56,10 +59,18 @@ from pipeline.tools.bench.prepare import (
     make_shards,
     render_prepare,
 )
-from pipeline.tools.bench.render import RunInfo, merge_benchmarks, render_section
+from pipeline.tools.bench.render import (
+    RunInfo,
+    device_section,
+    merge_benchmarks,
+    render_section,
+    replace_parts,
+    run_note,
+)
+from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
 from pipeline.tools.bench.train import bench_train, render_train
 
-BENCHES = ("prepare", "loader", "train", "loss", "memory")
+BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample")
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,8 @@ class Settings:
     """torch.compile settings to train with."""
     loss_cases: tuple = LOSS_CASES
     """(model, micro_batch_size, block_size, warm-up, measured steps) of the loss benchmark."""
+    sample_case: tuple = SAMPLE_CASE
+    """(model, prompt tokens, new tokens, timings per way) of the sampling benchmark."""
 
 
 FULL = Settings()
@@ -97,6 +110,7 @@ QUICK = Settings(
     train_repeats=1,
     compile_modes=(False,),
     loss_cases=(("tiny", 4, 256, 1, 1),),
+    sample_case=("tiny", 8, 16, 1),
 )
 
 
@@ -178,11 +192,13 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
         "loss" in benches
     ) else []  # fmt: skip
     memory = bench_memory() if "memory" in benches else []
+    sampled = bench_sample(*settings.sample_case) if "sample" in benches else None
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
     parts += [render_loss(losses)] if losses else []
     parts += [render_memory(memory)] if memory else []
+    parts += [render_sample(sampled)] if sampled else []
     return parts
 
 
@@ -198,9 +214,13 @@ def main(argv: list[str] | None = None) -> str:
     given = sys.argv[1:] if argv is None else argv
     command = "python -m pipeline.bench" + "".join(f" {a}" for a in given)
     info = RunInfo(command, started, time.perf_counter() - start, load_before, load_average())
-    section = render_section(device, info, parts)
     out = Path(args.out)
     existing = out.read_text() if out.is_file() else ""
+    old = device_section(existing, device.key)
+    if old is None or set(selected(args.only)) == set(BENCHES):
+        section = render_section(device, info, parts)
+    else:  # some benchmarks: the other parts of the device section stay as they were
+        section = replace_parts(old, parts, run_note(info))
     write_text_atomic(out, merge_benchmarks(existing, device.key, section))
     print(section)
     print(f"wrote {out}")

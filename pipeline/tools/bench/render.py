@@ -2,7 +2,8 @@
 
 The file keeps one section per device (and per tool), each between the markers
 `<!-- bench:device KEY -->` and `<!-- bench:end -->`; a run replaces the section of its own
-device and keeps the others.
+device and keeps the others. Within a section, each benchmark's part starts with its heading
+`### NAME: ...`; a run of some benchmarks replaces only their parts (replace_parts).
 """
 
 from __future__ import annotations
@@ -51,12 +52,16 @@ class RunInfo:
     versions: dict[str, str] = field(default_factory=versions)
 
 
-def render_section(device: Device, info: RunInfo, parts: list[str]) -> str:
-    """A device section: marker, heading, run facts, then each benchmark's part."""
-    load = ", ".join(
+def _load(info: RunInfo) -> str:
+    return ", ".join(
         f"{' '.join(f'{x:.2f}' for x in la)} {when}"
         for la, when in ((info.load_before, "before"), (info.load_after, "after"))
     )
+
+
+def render_section(device: Device, info: RunInfo, parts: list[str]) -> str:
+    """A device section: marker, heading, run facts, then each benchmark's part."""
+    load = _load(info)
     gpu = device.gpu or "none"
     facts = [
         f"- date: {info.started:%Y-%m-%d %H:%M %Z}",
@@ -83,6 +88,35 @@ No GPU was available for these measurements. Run `make bench` on a GPU machine t
 section.
 """
 SECTION = re.compile(r"<!-- bench:device (?P<key>.+?) -->\n.*?<!-- bench:end -->\n", re.DOTALL)
+END = "<!-- bench:end -->\n"
+PART = re.compile(r"^### (?P<name>[\w-]+)", re.MULTILINE)
+"""The heading that starts a benchmark's part of a device section."""
+
+
+def run_note(info: RunInfo) -> str:
+    """The line under the heading of a part measured in a run of some benchmarks: its date,
+    command, duration and load, which the section's header (another run's) does not give."""
+    return (
+        f"Measured on its own: {info.started:%Y-%m-%d %H:%M %Z}, `{info.command}` "
+        f"({info.seconds:,.0f} s), load average (1, 5, 15 min) {_load(info)}."
+    )
+
+
+def device_section(existing: str, key: str) -> str | None:
+    """The section keyed `key` of an output file's text, None when it has none."""
+    return next((m[0] for m in SECTION.finditer(existing) if m["key"] == key), None)
+
+
+def replace_parts(section: str, parts: list[str], note: str) -> str:
+    """`section` with each of `parts` in place of its part of the same benchmark (from its
+    `### NAME` heading to the next one), or appended when it has none; each new part gets
+    `note` as its first paragraph. The section's header and its other parts stay as they are."""
+    head, *old = re.split(r"(?m)^(?=### )", section.removesuffix(END))
+    chunks = {PART.match(c)["name"]: c.rstrip("\n") for c in old}
+    for part in parts:
+        heading, _, rest = part.partition("\n")
+        chunks[PART.match(part)["name"]] = f"{heading}\n\n{note}\n{rest}".rstrip("\n")
+    return head.rstrip("\n") + "\n\n" + "\n\n".join(chunks.values()) + "\n" + END
 
 
 def merge_benchmarks(existing: str, key: str, section: str) -> str:
