@@ -45,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.tokenizer_dir is not None and args.fmt != "hf":
             parser.error(f"--tokenizer-dir is for --format hf only, not {args.fmt}")
         paths = export(args.checkpoint, args.out_dir, args.fmt, tokenizer_dir=args.tokenizer_dir)
-        print("wrote " + " and ".join(str(p) for p in paths))
+        tokenizer = " with the GPT-2 tokenizer files" if args.fmt == "hf" else ""
+        print("wrote " + " and ".join(str(p) for p in paths) + tokenizer)
     else:
         url = push_hf(args.out_dir, args.repo_id, private=not args.public)
         print(f"pushed {args.out_dir}: {url}")
