@@ -227,11 +227,11 @@ def load_newest_good(
     model: torch.nn.Module,
     optimizer: Optimizer,
     warn: Callable[[str], None] = print,
-    check: Callable[[dict], str | None] = lambda state: None,
+    check: Callable[[Path, dict], str | None] = lambda path, state: None,
 ) -> tuple[Path, dict] | None:
     """Load the newest checkpoint of the run that loads cleanly; a truncated or corrupt one is
     reported through `warn` and skipped in favour of the one before it (never loaded silently).
-    `check(state.json)` may also refuse a checkpoint by returning the reason (e.g. a WSD run
+    `check(folder, state.json)` may also refuse a checkpoint by returning the reason (e.g. a WSD run
     extended from before its decay); it is reported and skipped the same way.
     Returns (folder, state.json) or None when the run has no checkpoint. Raises CheckpointError
     when checkpoints exist but none loads or passes check."""
@@ -239,7 +239,7 @@ def load_newest_good(
     refused = []
     for path in reversed(found):
         try:
-            reason = check(read_state(path))
+            reason = check(path, read_state(path))
             if reason is None:
                 return path, load_checkpoint(path, model, optimizer)
             refused.append(f"{path.name}: {reason}")

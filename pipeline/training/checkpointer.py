@@ -15,7 +15,6 @@ from pipeline.data.loader import TrainLoader
 from pipeline.errors import CheckpointError, ConfigError, raise_if
 from pipeline.model import GPT
 from pipeline.training.checkpoint import (
-    checkpoint_dir,
     full_state,
     list_checkpoints,
     load_checkpoint,
@@ -75,11 +74,8 @@ class Checkpointer:
             remove_unfinished(self.run_dir)
         self.accelerator.wait_for_everyone()
 
-        def fits(saved: dict) -> str | None:
-            resume = self.cfg.resume
-            where = (checkpoint_dir(self.run_dir, saved.get("step", 0))
-                     if resume in ("auto", "latest") else resolve_checkpoint(resume))  # fmt: skip
-            raise_if(self.resume_problems(saved, loader.data, f"checkpoint {where}"))
+        def fits(path: Path, saved: dict) -> str | None:
+            raise_if(self.resume_problems(saved, loader.data, f"checkpoint {path}"))
             return check(saved)
 
         path, saved = self._load(model, optimizer, fits)
@@ -143,7 +139,7 @@ class Checkpointer:
         return out
 
     def _load(
-        self, model: GPT, optimizer: Optimizers, check: Check
+        self, model: GPT, optimizer: Optimizers, check: Callable[[Path, dict], str | None]
     ) -> tuple[Path | None, dict | None]:
         """Load per checkpoint.resume (see restore): (folder, state.json) or (None, None)."""
         resume, run_dir = self.cfg.resume, self.run_dir
@@ -164,7 +160,7 @@ class Checkpointer:
                 )
             return loaded or (None, None)
         path = resolve_checkpoint(resume)
-        reason = check(read_state(path))
+        reason = check(path, read_state(path))
         if reason is not None:
             raise ConfigError([f"checkpoint.resume={resume}: {reason}"])
         return path, load_checkpoint(path, model, optimizer.raw)
