@@ -19,7 +19,6 @@ and carries on. The shard and manifest format is pipeline.data.shards'.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import tempfile
 import time
@@ -55,9 +54,8 @@ from pipeline.data.shards import (
 from pipeline.data.sources import UnreadableFileError, iter_documents, resolve_files
 from pipeline.data.tokenizer import TOKENIZER, get_encoding, split_documents, tokenize_documents
 from pipeline.errors import PrepareError, ShardError, raise_if
-from pipeline.files import folder_lock
+from pipeline.files import DISK_FULL, folder_lock
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_SHARD_SIZE = 2**31 - 1
 
 
