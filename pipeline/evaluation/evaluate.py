@@ -161,8 +161,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     raise_if(cfg.problems() + task_problems(cfg))
     tasks = _tasks(cfg)
     loaded = load_for_eval(_checkpoint(cfg), cfg.pretrained)
-    if "val_loss" in tasks:
-        window_size(cfg, loaded)  # before any scoring: a config error stops here
     device = resolve_device(cfg.cpu)
     if device.type == "cpu":
         keep_freed_memory_on_cpu()
