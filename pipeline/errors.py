@@ -62,6 +62,11 @@ class CheckpointError(PipelineError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt, or cannot continue this run."""
 
 
+class UnsafeFileError(CheckpointError):
+    """A file whose loading could run code (a pickle that names functions or classes beyond
+    tensors and numbers): refused, never loaded."""
+
+
 class HubError(PipelineError, RuntimeError):
     """A hub transfer that cannot go ahead or did not complete; the message says what to do."""
 

@@ -34,12 +34,13 @@ from huggingface_hub import (
 from huggingface_hub import constants as hf_constants
 
 from pipeline.data.shards import MANIFEST, listed_shards, shard_problems, verify_shard_folder
-from pipeline.errors import CheckpointError, HubError, ShardError
+from pipeline.errors import CheckpointError, HubError, ShardError, UnsafeFileError
 from pipeline.files import fsync_dir, is_plain_name
 from pipeline.interop.hub_errors import RETRY_HINT, hub_errors, require_token
 from pipeline.training.checkpoint import (
     STATE,
     STEP_DIR,
+    check_loads_safely,
     checkpoint_dir,
     read_state,
     verify_checksums,
@@ -137,12 +138,18 @@ def choose_step(steps: Sequence[int], step: int | None, where: str) -> int:
 
 def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step: int) -> None:
     """Move a downloaded checkpoint folder to `final` (e.g. `runs/<run>/checkpoints/step_N`)
-    after read_state and its checksums accept it and its step is `step`; `final` appears
-    complete or not at all. Raises HubError for an incomplete download or another step."""
+    after read_state and its checksums accept it, its step is `step` and no file names code to
+    run when loaded (check_loads_safely); `final` appears complete or not at all. Raises
+    HubError for an incomplete download or another step, UnsafeFileError for such a file."""
     staged, final = Path(staged), Path(final)
     try:
         state = read_state(staged)
         verify_checksums(staged, state)
+        check_loads_safely(staged, "it was not installed and the download was deleted: "
+                                   "pull from a repo you trust")  # fmt: skip
+    except UnsafeFileError:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     except CheckpointError as e:
         raise HubError(f"the downloaded checkpoint is incomplete ({e}); {RETRY_HINT}") from None
     if state.get("step") != step:

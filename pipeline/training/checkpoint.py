@@ -4,7 +4,7 @@ A checkpoint is a folder `<run_dir>/checkpoints/step_NNNNNNN/` (N = optimizer st
   model.pt       full model state_dict (unsharded, no `module.` / `_orig_mod.` prefixes)
   optimizer.pt   full optimizer state (AdamW, or Muon and AdamW), keyed by parameter name
                  (loads sharded or not)
-  rng.pt         python, numpy, torch CPU and CUDA generator states
+  rng.pt         python, numpy, torch CPU and CUDA generator states, as tensors and numbers
   state.json     step, tokens seen, loader position, W&B run id, resolved config, the data
                  (absolute shard folder, manifest fingerprint), and the size and sha256 of
                  every file above (both checked before loading)
@@ -14,12 +14,18 @@ Rotation keeps the newest `keep_last`, the best-validation checkpoint and, for a
 newest taken before its decay (`extendable` in state.json), from which the run can be extended;
 resuming skips, with a warning, a checkpoint whose files are truncated or unreadable and takes
 the one before.
+
+Every file is read with `torch.load(weights_only=True)` (load_file): unpickling can build
+tensors, numbers, strings and containers and call nothing else, so a checkpoint from elsewhere
+(a hub repo, a colleague) cannot run code. A file that needs more is refused (UnsafeFileError,
+exit 2), and resuming stops there instead of falling back to an older checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -37,13 +43,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.errors import CheckpointError
-from pipeline.files import atomic_dir, sha256_file, write_failed
+from pipeline.errors import CheckpointError, UnsafeFileError
+from pipeline.files import atomic_dir, is_plain_name, sha256_file, write_failed
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.faults import inject
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 STATE = "state.json"
+MODEL, OPTIMIZER, RNG = "model.pt", "optimizer.pt", "rng.pt"
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -60,22 +67,126 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def rng_state() -> dict:
+    """The process's RNG states (python, numpy, torch CPU, and CUDA where present) as tensors
+    and plain numbers only, so that rng.pt loads with `torch.load(weights_only=True)`:
+    python {"version", "state": int64 (625,), "gauss_next"}, numpy {"algorithm", "key": int64
+    (624,), "pos", "has_gauss", "cached_gaussian"}, torch: uint8 tensor, cuda: list of them."""
+    version, mt, gauss_next = random.getstate()
+    algorithm, key, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "numpy": {"algorithm": algorithm, "key": torch.from_numpy(key.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
-    }
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore the states rng_state() returned, or the tuples (with a numpy array) that rng.pt
+    held before it held tensors only. Raises TypeError, ValueError, KeyError or RuntimeError for
+    states of the wrong kind (load_checkpoint turns them into a CheckpointError)."""
+    python, numpy = state["python"], state["numpy"]
+    if isinstance(python, dict):
+        mt = tuple(int(x) for x in python["state"].tolist())
+        python = (int(python["version"]), mt, python["gauss_next"])
+    if isinstance(numpy, dict):
+        key = np.asarray(numpy["key"].numpy(), dtype=np.int64)
+        if key.shape != (624,) or key.min() < 0 or key.max() >= 2**32:
+            raise ValueError(f"numpy key of shape {tuple(key.shape)} is not an MT19937 state")
+        numpy = (numpy["algorithm"], key.astype(np.uint32), int(numpy["pos"]),
+                 int(numpy["has_gauss"]), float(numpy["cached_gaussian"]))  # fmt: skip
+    random.setstate(python)
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+OLD_RNG_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+                   type(np.dtype(np.uint32)))  # fmt: skip
+"""What an rng.pt written before tensors-only RNG states holds besides tensors and numbers:
+numpy's MT19937 key array. Unpickling these builds an array and nothing else (an object array's
+items go through the same restricted unpickler), so such files still load with weights_only."""
+
+
+UNSAFE_THEN = (
+    "delete {folder} (a resumed run then continues from the checkpoint before it) or "
+    "get the checkpoint from a source you trust"
+)
+"""What to do about a refused file of checkpoint `folder`."""
+
+
+def _refused(path: Path, error: Exception, then: str = UNSAFE_THEN) -> UnsafeFileError:
+    """The one-line refusal of a file that torch.load(weights_only=True) would not load, saying
+    why: what unpickling it would call (torch's static scan of its pickle), or why it cannot be
+    checked; `error`: the loader's own error. `then`: what to do ({folder}: the file's folder)."""
+    try:
+        calls = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        calls -= _names(OLD_RNG_GLOBALS) if path.name == RNG else set()
+    except ValueError:  # "Expected input to be a checkpoint returned by torch.save"
+        why = "it is not a file of torch.save, whose contents can be checked before loading"
+    except Exception as e:  # noqa: BLE001 - e.g. a pickle opcode that torch.save never writes
+        why = f"torch cannot check it before loading ({_first_line(e)})"
+    else:
+        why = (f"unpickling it would call {', '.join(sorted(calls))}, which can run any code"
+               if calls else f"weights-only loading refused it ({_first_line(error)})")  # fmt: skip
+    return UnsafeFileError(
+        f"{path} was refused and nothing in it was run: {why}. A file this pipeline writes "
+        "holds only tensors and plain numbers, so this one was altered or made elsewhere: "
+        + then.format(folder=path.parent)
+    )
+
+
+def _first_line(error: Exception) -> str:
+    """The line of a pickle error that says what is wrong (torch's own adds advice around it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    found = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+    return found.removeprefix("WeightsUnpickler error: ")[:200] or type(error).__name__
+
+
+def _names(globals_: tuple) -> set[str]:
+    """`module.name` of each class or function, as torch's scan names them."""
+    return {f"{g.__module__}.{g.__name__}" for g in globals_}
+
+
+def load_file(path: str | os.PathLike, allow: tuple = ()) -> Any:
+    """torch.load of one checkpoint file onto the CPU with weights_only=True (tensors, numbers,
+    strings and containers; plus the classes in `allow`): unpickling can call nothing else, so
+    a file from elsewhere cannot run code. Raises UnsafeFileError for a file that needs more,
+    CheckpointError for one that cannot be read at all."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only's refusal (or a damaged pickle)
+        raise _refused(path, e) from None
+    except Exception as e:  # noqa: BLE001 - a damaged file raises zip, EOF or runtime errors
+        text = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {text})") from None
+
+
+def check_loads_safely(path: str | os.PathLike, then: str = UNSAFE_THEN) -> None:
+    """Refuse a checkpoint folder (e.g. one downloaded from the hub) whose files name anything
+    weights_only loading would not call, without loading them: torch's static scan of each
+    file's pickle (a file that is not torch.save's zip format is refused too). The scan sees
+    the names a pickle spells out; loading stays weights_only in any case (load_file), which
+    refuses the rest. `then`: what to do, as in _refused. Raises UnsafeFileError."""
+    path = Path(path)
+    for name in read_state(path).get("files", {}):
+        f = path / name
+        allowed = _names(OLD_RNG_GLOBALS) if name == RNG else set()
+        try:
+            calls = set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - allowed
+        except (ValueError, pickle.UnpicklingError) as e:  # not torch.save's zip format, or
+            raise _refused(f, e, then) from None  # opcodes its pickle protocol never writes
+        except Exception as e:  # noqa: BLE001 - a damaged zip
+            raise CheckpointError(f"{f} cannot be read ({type(e).__name__}: {e})") from None
+        if calls:
+            raise _refused(f, pickle.UnpicklingError(", ".join(sorted(calls))), then)
 
 
 def _save(obj: Any, path: Path) -> dict:
@@ -125,11 +236,11 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     try:  # pipeline.files.atomic_dir: a failure of any kind removes the partial folder
         with atomic_dir(final, tmp=final.with_name(f".{final.name}.tmp")) as tmp:
-            sizes = {"model.pt": _save(model_state, tmp / "model.pt")}
+            sizes = {MODEL: _save(model_state, tmp / MODEL)}
             inject("checkpoint", step)
             sizes |= {
-                "optimizer.pt": _save(optimizer_state, tmp / "optimizer.pt"),
-                "rng.pt": _save(rng_state(), tmp / "rng.pt"),
+                OPTIMIZER: _save(optimizer_state, tmp / OPTIMIZER),
+                RNG: _save(rng_state(), tmp / RNG),
             }
             with open(tmp / STATE, "w") as f:
                 json.dump({**state, "step": step, "files": sizes}, f, indent=2)
@@ -187,6 +298,10 @@ def read_state(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / STATE} is corrupt ({e})") from None
+    wrong = _state_problem(state)
+    if wrong:
+        raise CheckpointError(f"{path / STATE} is not a checkpoint's state ({wrong}); delete "
+                              f"{path} to resume from the previous checkpoint")  # fmt: skip
     for name, meta in state.get("files", {}).items():
         f = path / name
         if not f.is_file() or f.stat().st_size != meta["bytes"]:
@@ -195,6 +310,27 @@ def read_state(path: str | os.PathLike) -> dict:
                 "to resume from the previous checkpoint"
             )
     return state
+
+
+_STATE_TYPES = {"step": int, "tokens_seen": int, "config": dict, "loader": dict, "files": dict}
+"""The keys of state.json that loading reads, and their JSON types (each optional)."""
+
+
+def _state_problem(state: object) -> str | None:
+    """What makes a parsed state.json unusable (wrong JSON types, a file entry that is not a
+    plain file name with its bytes and sha256), or None."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    for key, kind in _STATE_TYPES.items():
+        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
+            return f"{key} is {state[key]!r}, not a JSON {kind.__name__}"
+    if not isinstance(state.get("config", {}).get("model", {}), dict):
+        return "config.model is not a JSON object"
+    for name, meta in state.get("files", {}).items():
+        if not is_plain_name(name) or not isinstance(meta, dict) or not isinstance(
+            meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):  # fmt: skip
+            return f"files lists {name!r} without a plain name, its bytes and its sha256"
+    return None
 
 
 def verify_checksums(path: Path, state: dict) -> None:
@@ -244,6 +380,8 @@ def load_newest_good(
                 return path, load_checkpoint(path, model, optimizer)
             refused.append(f"{path.name}: {reason}")
             warn(f"note: not resuming from {path}: {reason}")
+        except UnsafeFileError:
+            raise  # altered, not damaged: the user decides (the message says how)
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint {path}: {e}")
     if refused:
@@ -268,20 +406,17 @@ def load_checkpoint(
 ) -> dict:
     """Load weights (and optimizer state, RNG states) from checkpoint folder `path` into the
     unwrapped model, sharded with FSDP or not (each process reads the files); returns its
-    state.json. Raises CheckpointError, also when the weights do not fit the model (another
-    size), naming the first mismatch."""
+    state.json. Every file is read with weights_only (load_file), after check_loads_safely has
+    scanned them all. Raises UnsafeFileError for a file that would run code, CheckpointError
+    for a damaged one, states that cannot be applied, or weights that do not fit the model
+    (another size), naming the first mismatch."""
     path = Path(path)
     state = read_state(path)
     verify_checksums(path, state)
-    try:
-        weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-        opt_state = rng = None
-        if optimizer is not None:
-            opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        if restore_rng:
-            rng = torch.load(path / "rng.pt", weights_only=False)
-    except Exception as e:  # a corrupt file raises pickle, zip or runtime errors
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
+    check_loads_safely(path)  # the whole checkpoint, also the files this call does not read
+    weights = load_file(path / MODEL)
+    opt_state = load_file(path / OPTIMIZER) if optimizer is not None else None
+    rng = load_file(path / RNG, allow=OLD_RNG_GLOBALS) if restore_rng else None
     load = StateDictOptions(full_state_dict=True)
     try:
         set_model_state_dict(model, weights, options=load)
@@ -295,7 +430,14 @@ def load_checkpoint(
             f"with the config recorded in its {STATE} (model.*), or start a new run"
         ) from e
     if rng is not None:
-        set_rng_state(rng)
+        try:
+            set_rng_state(rng)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{path / RNG} holds no RNG states this run can restore ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]}); delete {path} to resume from the checkpoint "
+                "before it"
+            ) from None
     return state
 
 
@@ -306,6 +448,10 @@ def load_model(path: str | os.PathLike) -> tuple[GPT, Path, dict]:
     (evaluation, sampling, exports). Raises CheckpointError."""
     ckpt = resolve_checkpoint(path)
     state = read_state(ckpt)
-    model = GPT(ModelConfig(**state["config"]["model"]))
+    try:
+        model = GPT(ModelConfig(**state["config"]["model"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / STATE} records no model this pipeline can build "
+                              f"({type(e).__name__}: {e})") from None  # fmt: skip
     load_checkpoint(ckpt, model, restore_rng=False)
     return model.eval(), ckpt, state

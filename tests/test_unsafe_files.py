@@ -1,0 +1,268 @@
+"""A checkpoint from elsewhere cannot run code. Real payload files (pickles whose unpickling
+calls os.system) planted in real checkpoints, with state.json's sizes and checksums updated as
+their author would: every loader (resume, evaluate, sample, export, hub pull, imported weights)
+refuses them in one line with exit code 2, and the command they carry never runs. RNG states
+are tensors and numbers; the rng.pt files written before that keep loading, and give the same
+run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers.proc import run_module
+from helpers.runs import final_weights
+from helpers.tiny import tiny_run, train_config
+
+from pipeline.errors import USER_ERROR, UnsafeFileError
+from pipeline.interop.hub import install_checkpoint
+from pipeline.training.checkpoint import (
+    MODEL,
+    OPTIMIZER,
+    RNG,
+    STATE,
+    checkpoint_dir,
+    list_checkpoints,
+    rng_state,
+    set_rng_state,
+)
+from pipeline.training.loop import train
+
+SETTINGS = ("trainer.max_steps=4", "checkpoint.interval=2", "eval.tokens=0", "trainer.seed=7")
+"""The trained run: 4 steps, checkpoints at 2 and 4, no validation."""
+THEN = (
+    "A file this pipeline writes holds only tensors and plain numbers, so this one was altered or "
+    "made elsewhere: delete {folder} (a resumed run then continues from the checkpoint before "
+    "it) or get the checkpoint from a source you trust"
+)
+
+
+class Payload:
+    """Unpickling this calls os.system(`touch <marker>`): the attack the issue reproduced."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def overrides(shards: Path, runs: Path, *extra: str) -> list[str]:
+    return tiny_run(shards, runs, "run", *SETTINGS, *extra)
+
+
+@pytest.fixture(scope="module")
+def trained(sample_shards, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    train(train_config(overrides(sample_shards, runs)))
+    return runs
+
+
+@pytest.fixture
+def runs(trained, tmp_path) -> Path:
+    """A private copy of the trained runs folder, safe to tamper with."""
+    return Path(shutil.copytree(trained, tmp_path / "runs"))
+
+
+def plant(checkpoint: Path, name: str, write) -> Path:
+    """Replace checkpoint/name by what write(path) writes and record its size and sha256 in
+    state.json, as the author of a hostile checkpoint would."""
+    path = checkpoint / name
+    write(path)
+    state = json.loads((checkpoint / STATE).read_text())
+    data = path.read_bytes()
+    state["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / STATE).write_text(json.dumps(state))
+    return path
+
+
+def plant_payload(checkpoint: Path, name: str, marker: Path, **save) -> Path:
+    return plant(checkpoint, name, lambda p: torch.save({"x": Payload(marker)}, p, **save))
+
+
+def refusal(path: Path, why: str) -> str:
+    return (f"error: {path} was refused and nothing in it was run: {why}. "
+            + THEN.format(folder=path.parent) + "\n")  # fmt: skip
+
+
+def assert_refused(done, path: Path, why: str, marker: Path) -> None:
+    assert done.returncode == USER_ERROR, done.stderr[-2000:]
+    assert done.stderr == refusal(path, why)
+    assert not marker.exists()
+
+
+SYSTEM = "unpickling it would call posix.system, which can run any code"
+
+
+# --------------------------------------------------------------------------- every loader
+
+
+def test_resume_refuses_a_planted_rng_file_and_keeps_the_run(runs, sample_shards, tmp_path):
+    """The issue's case: rng.pt replaced, the same training command again."""
+    marker = tmp_path / "ran"
+    step4 = checkpoint_dir(runs / "run", 4)
+    path = plant_payload(step4, RNG, marker)
+    done = run_module("train", *overrides(sample_shards, runs), timeout=300)
+    assert_refused(done, path, SYSTEM, marker)
+    assert [p.name for p in list_checkpoints(runs / "run")] == ["step_0000002", "step_0000004"]
+
+
+def test_resume_refuses_a_pickle_torch_cannot_scan(runs, sample_shards, tmp_path):
+    """Pickle protocol 4 (torch.save writes 2): torch's scan cannot read it, so it is refused
+    rather than loaded."""
+    marker = tmp_path / "ran"
+    path = plant_payload(checkpoint_dir(runs / "run", 4), OPTIMIZER, marker, pickle_protocol=4)
+    done = run_module("train", *overrides(sample_shards, runs), timeout=300)
+    why = "torch cannot check it before loading (Unsupported operand 149)"
+    assert_refused(done, path, why, marker)
+
+
+def test_resume_refuses_a_plain_pickle_file(runs, sample_shards, tmp_path):
+    """Not torch.save's zip format: nothing to check before loading, so it is refused."""
+    marker = tmp_path / "ran"
+    step4 = checkpoint_dir(runs / "run", 4)
+    path = plant(step4, RNG, lambda p: p.write_bytes(pickle.dumps({"x": Payload(marker)})))
+    done = run_module("train", *overrides(sample_shards, runs), timeout=300)
+    why = "it is not a file of torch.save, whose contents can be checked before loading"
+    assert_refused(done, path, why, marker)
+
+
+@pytest.mark.parametrize(
+    "module,args",
+    [
+        ("evaluate", ["eval_tokens=1024", "sample_tokens=0"]),
+        ("sample", ["prompt=Hello", "max_new_tokens=4"]),
+        ("hf", ["export", "RUN", "OUT", "--format", "hf"]),
+    ],
+)
+def test_evaluate_sample_and_export_refuse_a_planted_model_file(runs, tmp_path, module, args):
+    marker = tmp_path / "ran"
+    path = plant_payload(checkpoint_dir(runs / "run", 4), MODEL, marker)
+    run = str(runs / "run")
+    args = [a.replace("RUN", run).replace("OUT", str(tmp_path / "out")) for a in args]
+    if module != "hf":
+        args = [f"checkpoint={run}", *args]
+    done = run_module(module, *args, cwd=tmp_path, timeout=300)
+    assert_refused(done, path, SYSTEM, marker)
+    assert not (tmp_path / "out").exists() and not (runs / "run" / "eval").exists()
+
+
+def test_a_pulled_checkpoint_with_a_payload_is_not_installed(runs, tmp_path):
+    """What `make pull-checkpoint` does once the hub download is staged: install_checkpoint."""
+    marker = tmp_path / "ran"
+    staged = Path(shutil.copytree(checkpoint_dir(runs / "run", 4), tmp_path / "staged"))
+    path = plant_payload(staged, RNG, marker)
+    final = checkpoint_dir(tmp_path / "pulled" / "run", 4)
+    with pytest.raises(UnsafeFileError) as info:
+        install_checkpoint(staged, final, 4)
+    assert str(info.value) == (
+        f"{path} was refused and nothing in it was run: {SYSTEM}. A file this pipeline writes "
+        "holds only tensors and plain numbers, so this one was altered or made elsewhere: it "
+        "was not installed and the download was deleted: pull from a repo you trust"
+    )
+    assert not final.exists() and not staged.exists() and not marker.exists()
+
+
+def test_imported_weights_that_are_a_pickle_are_refused(tmp_path):
+    """pretrained=<folder>: model.safetensors is read by safetensors, which runs nothing."""
+    marker = tmp_path / "ran"
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"n_layer": 1, "n_head": 1, "n_embd": 8}))
+    torch.save({"x": Payload(marker)}, folder / "model.safetensors")
+    done = run_module("sample", f"pretrained={folder}", "prompt=Hi", "max_new_tokens=2",
+                      cwd=tmp_path)  # fmt: skip
+    assert done.returncode == USER_ERROR and not marker.exists()
+    files = f"{folder / 'config.json'} / {folder / 'model.safetensors'}"
+    assert done.stderr.startswith(f"error: cannot read {files}: "), done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_rng_states_are_tensors_and_numbers_and_restore_the_same_draws(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / RNG)
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    loaded = torch.load(tmp_path / RNG, weights_only=True)  # no allowlist needed
+    set_rng_state(loaded)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def old_rng_file(new: dict) -> dict:
+    """The same states in the layout rng.pt had before (random.getstate() and
+    np.random.get_state() tuples, the key a numpy uint32 array)."""
+    python = (new["python"]["version"], tuple(new["python"]["state"].tolist()),
+              new["python"]["gauss_next"])  # fmt: skip
+    numpy = (
+        new["numpy"]["algorithm"],
+        new["numpy"]["key"].numpy().astype(np.uint32),
+        new["numpy"]["pos"],
+        new["numpy"]["has_gauss"],
+        new["numpy"]["cached_gaussian"],
+    )
+    return {"python": python, "numpy": numpy, "torch": new["torch"]}
+
+
+def test_an_rng_file_of_the_earlier_format_resumes_the_same_run(trained, runs, sample_shards):
+    """Resume at step 2 from an rng.pt in the earlier layout: the same weights at step 4 as the
+    uninterrupted run."""
+    shutil.rmtree(checkpoint_dir(runs / "run", 4))
+    step2 = checkpoint_dir(runs / "run", 2)
+    new = torch.load(step2 / RNG, weights_only=True)
+    plant(step2, RNG, lambda p: torch.save(old_rng_file(new), p))
+    with pytest.raises(pickle.UnpicklingError):  # it holds a numpy array: not tensors alone
+        torch.load(step2 / RNG, weights_only=True)
+    done = run_module("train", *overrides(sample_shards, runs), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout
+    expected, resumed = final_weights(trained / "run"), final_weights(runs / "run")
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_rng_states_of_the_wrong_kind_are_one_line(runs, sample_shards, tmp_path):
+    step4 = checkpoint_dir(runs / "run", 4)
+    states = torch.load(step4 / RNG, weights_only=True)
+    states["numpy"]["key"] = states["numpy"]["key"][:100]
+    path = plant(step4, RNG, lambda p: torch.save(states, p))
+    done = run_module("train", *overrides(sample_shards, runs), f"checkpoint.resume={step4}",
+                      timeout=300)  # fmt: skip
+    assert done.returncode == USER_ERROR
+    assert done.stderr == (
+        f"error: {path} holds no RNG states this run can restore (ValueError: numpy key of shape "
+        f"(100,) is not an MT19937 state); delete {step4} to resume from the checkpoint before "
+        "it\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "edit,why",
+    [
+        (lambda s: s.update(step="4"), "step is '4', not a JSON int"),
+        (lambda s: s["config"].update(model=[1]), "config.model is not a JSON object"),
+        (lambda s: s["files"].update({"../x": {"bytes": 1, "sha256": "0"}}),
+         "files lists '../x' without a plain name, its bytes and its sha256"),
+    ],
+)  # fmt: skip
+def test_a_state_file_of_the_wrong_types_is_one_line(runs, tmp_path, edit, why):
+    step4 = checkpoint_dir(runs / "run", 4)
+    state = json.loads((step4 / STATE).read_text())
+    edit(state)
+    (step4 / STATE).write_text(json.dumps(state))
+    done = run_module("evaluate", f"checkpoint={step4}", "eval_tokens=1024", cwd=tmp_path)
+    assert done.returncode == USER_ERROR
+    assert done.stderr == (
+        f"error: {step4 / STATE} is not a checkpoint's state ({why}); delete {step4} to resume "
+        "from the previous checkpoint\n"
+    )
