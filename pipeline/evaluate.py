@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import register_configs, to_dataclass
+from pipeline.config.cli import check_command_line
 from pipeline.errors import guard
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.reports import SUMMARY, describe
@@ -25,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    guard(check_command_line)("evaluate", sys.argv[1:])  # one line, exit 2, before Hydra runs
     main()

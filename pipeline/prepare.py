@@ -3,10 +3,13 @@ files) to llm.c-format shards and their manifest. The library is pipeline.data."
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import register_configs, to_dataclass
+from pipeline.config.cli import check_command_line
 from pipeline.data.writer import prepare
 from pipeline.errors import guard
 
@@ -20,4 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    guard(check_command_line)("prepare", sys.argv[1:])  # one line, exit 2, before Hydra runs
     main()

@@ -8,8 +8,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import register_configs, renamed_key_problems, to_dataclass
-from pipeline.errors import PREEMPTED, guard, raise_if
+from pipeline.config import RENAMED, register_configs, to_dataclass
+from pipeline.config.cli import check_command_line
+from pipeline.errors import PREEMPTED, guard
 from pipeline.training.loop import check_run_folder, for_sweep_job, train
 
 register_configs()
@@ -29,14 +30,15 @@ def main(cfg: DictConfig) -> float | None:
 
 
 @guard
-def check_command_line(argv: list[str]) -> None:
-    """Before Hydra runs: refuse keys that moved out of `trainer` (pipeline.config.RENAMED),
-    naming the new key, instead of Hydra's "Could not override" traceback; and a run folder
-    that cannot be created or is in use (pipeline.training.loop.check_run_folder)."""
-    raise_if(renamed_key_problems(argv))
-    check_run_folder(argv)
+def check(argv: list[str]) -> None:
+    """Before Hydra runs: the command line (pipeline.config.cli, also naming the new name of a
+    key that moved out of `trainer`, pipeline.config.RENAMED), then the run folder of a single
+    run, which must not be a file or in use (pipeline.training.loop.check_run_folder)."""
+    cfg = check_command_line("train", argv, RENAMED)
+    if cfg is not None and not any(arg.startswith("-") for arg in argv):
+        check_run_folder(cfg.trainer.runs_dir, cfg.trainer.run_name)
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:])
+    check(sys.argv[1:])
     main()

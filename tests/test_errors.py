@@ -12,7 +12,8 @@ import pytest
 from helpers.paths import REPO
 from helpers.proc import run_module
 
-from pipeline.config import RENAMED, renamed_key_problems
+from pipeline.config import RENAMED
+from pipeline.config.cli import check_command_line
 from pipeline.errors import (
     DIVERGED,
     INTERRUPTED,
@@ -76,9 +77,10 @@ def test_user_errors_keep_their_builtin_bases():
 
 
 def test_renamed_keys_name_their_new_key():
-    assert renamed_key_problems(["trainer.max_steps=3", "optim=muon"]) == []
-    problems = renamed_key_problems(["trainer.eval_interval=5", "+trainer.keep_last=2"])
-    assert problems == [
+    assert check_command_line("train", ["trainer.max_steps=3", "optim=muon"], RENAMED) is not None
+    with pytest.raises(ConfigError) as info:
+        check_command_line("train", ["trainer.eval_interval=5", "+trainer.keep_last=2"], RENAMED)
+    assert info.value.problems == [
         "trainer.eval_interval was renamed to eval.interval: write eval.interval=5",
         "trainer.keep_last was renamed to checkpoint.keep_last: write checkpoint.keep_last=2",
     ]

@@ -16,6 +16,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.config.evaluate import EvaluateConfig, SampleConfig
 from pipeline.config.prepare import PrepareConfig, SourceConfig
@@ -36,15 +37,15 @@ from pipeline.config.train import (
     RuntimeConfig,
     TrainConfig,
     TrainerConfig,
-    renamed_key_problems,
 )
+from pipeline.errors import ConfigError
 
 __all__ = [
     "COMPILE_MODES", "DECAY_SHAPES", "MUON_LR_ADJUSTMENTS", "OPTIMIZERS", "PRECISIONS", "RENAMED",
     "SCHEDULES", "CheckpointConfig", "DataConfig", "EvalConfig", "EvaluateConfig", "LoggerConfig",
     "OptimConfig", "PrepareConfig", "ProfileConfig", "RuntimeConfig", "SampleConfig",
     "SourceConfig", "TrainConfig", "TrainerConfig", "as_dict", "conf_dir", "register_configs",
-    "renamed_key_problems", "to_dataclass",
+    "to_dataclass",
 ]  # fmt: skip
 
 
@@ -58,8 +59,18 @@ def register_configs() -> None:
 
 
 def to_dataclass(cfg: DictConfig) -> Any:
-    """Convert a composed, schema-typed DictConfig into its dataclass (resolving interpolations)."""
-    return OmegaConf.to_object(cfg)
+    """Convert a composed, schema-typed DictConfig into its dataclass (resolving interpolations).
+    Raises ConfigError for a mandatory value left unset (???) or an interpolation that does not
+    resolve, naming the key."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key, message = getattr(e, "full_key", None) or "the config", str(getattr(e, "msg", e))
+        if isinstance(e, MissingMandatoryValue):
+            raise ConfigError([f"{key} needs a value: set {key}=..."]) from None
+        raise ConfigError(
+            [f"{key}: {message.splitlines()[0] if message else type(e).__name__}"]
+        ) from None
 
 
 def as_dict(obj: Any) -> dict:

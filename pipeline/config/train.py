@@ -309,18 +309,6 @@ RENAMED = {
 """Training keys that moved out of `trainer` into their own groups: old name -> new name."""
 
 
-def renamed_key_problems(overrides: list[str]) -> list[str]:
-    """One problem per command-line override that uses a key from RENAMED (with or without
-    Hydra's +, ++ or ~ prefix), naming its new name."""
-    out = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in RENAMED:
-            value = override.split("=", 1)[1] if "=" in override else "..."
-            out.append(f"{key} was renamed to {RENAMED[key]}: write {RENAMED[key]}={value}")
-    return out
-
-
 @dataclass
 class LoggerConfig:
     kind: str = "none"

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from pipeline.config import TrainConfig, as_dict, conf_dir
+from pipeline.config import TrainConfig, as_dict
 from pipeline.data.loader import TrainLoader
 from pipeline.data.shards import open_split
 from pipeline.errors import ConfigError, NumericsError, raise_if
@@ -220,21 +219,13 @@ def _run_folder_words(run_name: str) -> tuple[str, str]:
     return f"run {run_name}: its folder", "trainer.run_name or trainer.runs_dir"
 
 
-def check_run_folder(overrides: list[str]) -> None:
+def check_run_folder(runs_dir: str, run_name: str) -> None:
     """Check the run folder of a single run before Hydra creates it and writes `.hydra/` into
     it: a file where the folder must be, or another live process training the same run,
     raises OutputError or FolderLockedError (exit 2) here instead of a Hydra traceback or a
     rewritten `.hydra/config.yaml` of the live run. Only the main process (RANK 0 or unset)
-    probes the lock; setup() takes it for the whole run. Command lines with flags (`-m`,
-    `--cfg` ...) and ones that do not compose are left to Hydra, which reports them itself."""
-    if any(arg.startswith("-") for arg in overrides):
-        return
-    try:
-        with initialize_config_dir(conf_dir(), version_base="1.3"):
-            cfg = compose("train", [o for o in overrides if not o.startswith("hydra.")])
-        run_name, run_dir = cfg.trainer.run_name, Path(cfg.trainer.runs_dir) / cfg.trainer.run_name
-    except Exception:  # noqa: BLE001 - Hydra composes again in main() and reports the error
-        return
+    probes the lock; setup() takes it for the whole run."""
+    run_dir = Path(runs_dir) / run_name
     if os.environ.get("RANK", "0") != "0":
         make_folder(run_dir, *_run_folder_words(run_name))
         return
