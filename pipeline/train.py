@@ -3,6 +3,7 @@ pipeline.train` (several). The library is pipeline.training; `train(cfg)` is its
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -10,8 +11,9 @@ from omegaconf import DictConfig
 
 from pipeline.config import RENAMED, register_configs, to_dataclass
 from pipeline.config.cli import check_command_line
-from pipeline.errors import PREEMPTED, guard
+from pipeline.errors import PREEMPTED, guard, raise_if
 from pipeline.training.loop import check_run_folder, for_sweep_job, train
+from pipeline.training.wandb_run import login_problem
 
 register_configs()
 
@@ -33,9 +35,12 @@ def main(cfg: DictConfig) -> float | None:
 def check(argv: list[str]) -> None:
     """Before Hydra runs: the command line (pipeline.config.cli, also naming the new name of a
     key that moved out of `trainer`, pipeline.config.RENAMED), then the run folder of a single
-    run, which must not be a file or in use (pipeline.training.loop.check_run_folder)."""
+    run, which must not be a file or in use (pipeline.training.loop.check_run_folder), and a
+    W&B login where logger=wandb logs online (pipeline.training.wandb_run.login_problem)."""
     cfg = check_command_line("train", argv, RENAMED)
     if cfg is not None and not any(arg.startswith("-") for arg in argv):
+        if os.environ.get("RANK", "0") == "0":  # the process that logs to W&B
+            raise_if([p for p in [login_problem(to_dataclass(cfg.logger))] if p])
         check_run_folder(cfg.trainer.runs_dir, cfg.trainer.run_name)
 
 

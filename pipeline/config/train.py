@@ -319,9 +319,18 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     mode: str | None = None
     """W&B mode: online, offline or disabled; null = the WANDB_MODE variable, else online."""
+    init_timeout: float = 60.0
+    """Seconds wandb.init may take online (e.g. an unreachable server) before the run logs
+    offline instead, with the `wandb sync` command that uploads it later."""
+    finish_timeout: float = 120.0
+    """Seconds the end of the run waits for W&B's uploads (0 = until done); past it the W&B run
+    is marked crashed and may miss its last data, and the process ends."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.init_timeout <= 0 or self.finish_timeout < 0:
+            out.append(f"logger.init_timeout={self.init_timeout} must be > 0 and "
+                       f"logger.finish_timeout={self.finish_timeout} >= 0 (seconds)")  # fmt: skip
         if self.kind not in ("none", "wandb"):
             out.append(f"logger.kind={self.kind!r} is unknown: use none or wandb")
         if self.mode not in (None, "online", "offline", "disabled"):

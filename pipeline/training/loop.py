@@ -22,6 +22,7 @@ from pipeline.data.shards import open_split
 from pipeline.errors import ConfigError, NumericsError, raise_if
 from pipeline.files import folder_lock, make_folder
 from pipeline.model import GPT, liger_available
+from pipeline.training import wandb_run
 from pipeline.training.checkpointer import Checkpointer
 from pipeline.training.faults import StopSignal
 from pipeline.training.optim import build_optimizer, continuation_problem, lr_at
@@ -92,7 +93,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     process holds the run) or OutputError (the folder cannot be created) before any step."""
     accelerator = make_accelerator(cfg.runtime)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    raise_if(cfg.problems(world))
+    login = wandb_run.login_problem(cfg.logger) if accelerator.is_main_process else None
+    raise_if(cfg.problems(world) + ([login] if login else []))  # before any work
     if cfg.runtime.loss_impl == "liger" and not liger_available(device):
         raise ConfigError([
             "runtime.loss_impl=liger needs a CUDA device and liger-kernel (pip install "

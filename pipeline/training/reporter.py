@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.config import LoggerConfig
 from pipeline.files import write_failed
 from pipeline.training import runlog
+from pipeline.training.wandb_run import WandbRun
 
 CHECKPOINTS_INTACT = ("metrics.jsonl keeps its complete records and the checkpoints are intact: "
                       "free disk space and run the same command again (it resumes from the "
@@ -62,26 +63,8 @@ class Reporter:
         except OSError as e:
             raise write_failed(self.path, e, CHECKPOINTS_INTACT) from e
         if cfg.kind == "wandb":
-            import wandb
-
-            self.wandb = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity,
-                group=cfg.group,
-                tags=list(cfg.tags) or None,
-                name=run_name,
-                id=wandb_id,
-                resume="allow",
-                mode=cfg.mode or os.environ.get("WANDB_MODE", "online"),
-                dir=str(run_dir),
-                config=config,
-            )
+            self.wandb = WandbRun(cfg, run_dir, run_name, config, wandb_id, self.print)
             self.wandb_id = self.wandb.id
-            # Curves against tokens seen (comparable across batch sizes); best val in summary.
-            self.wandb.define_metric("tokens_seen")
-            for kind in ("train", "val", "skip", "hellaswag"):
-                self.wandb.define_metric(f"{kind}/*", step_metric="tokens_seen")
-            self.wandb.define_metric("val/loss", summary="min")
 
     def print(self, *args: Any) -> None:
         main_print(self.enabled)(*args)
@@ -106,7 +89,7 @@ class Reporter:
             logged = {f"{kind}/{k}": v for k, v in metrics.items()}
             if "tokens_seen" in metrics:
                 logged["tokens_seen"] = metrics["tokens_seen"]
-            self.wandb.log(logged, step=step)
+            self.wandb.log(logged, step)
         self.print(
             text or f"{kind} step {step}: " + ", ".join(f"{k} {v}" for k, v in metrics.items())
         )
@@ -170,11 +153,9 @@ class Reporter:
             return
         self.print(f"sample: {text}")
         if self.wandb is not None:
-            import wandb
-
             self.samples.append([step, tokens_seen, prompt, text])
             columns = ["step", "tokens_seen", "prompt", "sample"]
-            self.wandb.log({"samples": wandb.Table(columns=columns, data=self.samples)}, step=step)
+            self.wandb.table("samples", columns, self.samples, step)
 
     def summary(self, summary: dict, tokens_seen: int) -> str:
         """The end-of-run table: tokens seen, wall time, mean tokens/s and MFU of the steps
@@ -198,7 +179,7 @@ class Reporter:
         table = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows.items())
         self.print("run summary\n" + table)
         if self.wandb is not None:
-            self.wandb.summary.update(
+            self.wandb.summary(
                 {"best_val_loss": summary["best_val_loss"], "final_val_loss": summary["val_loss"],
                  "tokens_seen": tokens_seen, "mean_tokens_per_s": mean_rate, "mean_mfu": mean_mfu}
             )  # fmt: skip
