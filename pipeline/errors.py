@@ -17,10 +17,11 @@ Exit codes (`launch/auto_resume.sh` restarts on 75 and on crashes, stops on 0, 2
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 USER_ERROR = 2
 DIVERGED = 3
@@ -96,6 +97,16 @@ class NumericsError(PipelineError, RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient norm."""
 
     exit_code = DIVERGED
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the tools' command lines, in this error model: a mistake (a missing or
+    unknown argument, a bad value) is one line `error: <prog>: <what> (--help shows the
+    usage)` and exit code 2, not argparse's usage block; subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (--help shows the usage)", file=sys.stderr)
+        sys.exit(USER_ERROR)
 
 
 def raise_if(problems: list[str]) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pipeline.errors import guard
+from pipeline.errors import ArgumentParser, guard
 from pipeline.interop.formats import FORMATS, export
 from pipeline.interop.hf_export import push_hf
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m pipeline.hf",
         description="Export checkpoints (Hugging Face GPT2LMHeadModel, the book's GPTModel, "
         "llm.c) and push Hugging Face folders.",

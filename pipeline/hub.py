@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pipeline.errors import guard
+from pipeline.errors import ArgumentParser, guard
 from pipeline.interop.hub import download_shards, pull_checkpoint, push_checkpoint, upload_shards
 from pipeline.interop.hub_errors import LOGIN_HINT
 from pipeline.training.checkpoint import resolve_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m pipeline.hub",
         description="Move prepared shards and checkpoints through the Hugging Face hub. "
         f"Uploads need a token with write access: {LOGIN_HINT}.",

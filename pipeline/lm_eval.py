@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pipeline.errors import guard
+from pipeline.errors import ArgumentParser, guard
 from pipeline.evaluation.harness import DEFAULT_TASKS, run_lm_eval
 from pipeline.evaluation.reports import SUMMARY, lm_eval_table
 
@@ -22,7 +22,7 @@ def _batch_size(text: str) -> int | str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m pipeline.lm_eval",
         description="Export a checkpoint with its tokenizer and score it with lm-evaluation-"
         "harness; results go to <run>/eval/<checkpoint>.lm_eval.json and summary.md.",

@@ -19,7 +19,6 @@ results (see keep_earlier_tasks).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from pipeline.errors import ConfigError, ShardError, raise_if
 from pipeline.evaluation.hellaswag import evaluate_hellaswag, load_items, resolve_path
 from pipeline.evaluation.loading import Loaded, load_for_eval
 from pipeline.evaluation.reports import TASKS, keep_earlier_tasks, write_reports
-from pipeline.evaluation.scoring import estimate_loss, generate_text
+from pipeline.evaluation.scoring import estimate_loss, generate_text, perplexity
 from pipeline.model import GPT
 from pipeline.training.runtime import (
     autocast_for,
@@ -128,7 +127,7 @@ def val_loss_result(
     loss, tokens = estimate_loss(model, windows, cfg.micro_batch_size, device, autocast=autocast)
     return {
         "val_loss": loss,
-        "perplexity": math.exp(loss),
+        "perplexity": perplexity(loss),
         "eval_tokens": tokens,
         "windows": windows.num_windows,
         "block_size": block_size,

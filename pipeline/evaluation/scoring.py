@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import tiktoken
@@ -11,6 +12,15 @@ import torch
 
 from pipeline.data.loader import ValidationWindows
 from pipeline.model import GPT
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss) for a mean cross-entropy in nats/token; math.inf once that overflows a float
+    (loss > ~709.78, a diverged model), and nan for a nan loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from pipeline.config import TrainConfig
+from pipeline.errors import ArgumentParser
 from pipeline.files import write_text_atomic
 from pipeline.tools.bench.host import REPO, describe_device, load_average, versions
 from pipeline.tools.bench.render import merge_benchmarks, table
@@ -346,7 +347,7 @@ def section(body: str, command: str, seconds: float, load: tuple) -> tuple[str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.compare",
+    p = ArgumentParser(prog="python -m pipeline.compare",
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("--runs-dir", default="runs", help="where the sweeps' runs go (runs)")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to update ('' = none)")

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from pipeline.config import TrainerConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.model import PRESETS, ModelConfig
 from pipeline.tools.cost import estimate_cost, measured_tokens_per_s
 from pipeline.tools.memory import (
@@ -153,9 +153,7 @@ def run_cost(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.plan", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m pipeline.plan", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     memory = commands.add_parser("memory", help="estimated peak memory per GPU")
     max_batch = commands.add_parser("max-batch", help="largest micro-batch that fits")

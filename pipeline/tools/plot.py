@@ -7,11 +7,11 @@ against tokens seen, one colour per run, into a PNG. A sweep folder (`runs/<swee
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import DataError
+from pipeline.errors import ArgumentParser, DataError, OutputError
+from pipeline.files import write_failed
 from pipeline.training.runlog import METRICS, read_records
 
 
@@ -48,13 +48,35 @@ def read_curves(run_dir: Path, name: str | None = None) -> Curves:
     return curves
 
 
+def output_path(out: str | Path) -> Path:
+    """The file the plot goes to: `out`, with `.png` added when it has no suffix (as matplotlib
+    would add it). Raises OutputError for an existing folder or a format matplotlib cannot
+    write."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder: give a file name, e.g. {out / 'loss.png'}")
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+        if out.is_dir():
+            raise OutputError(f"--out {out} is a folder: give another file name")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise OutputError(f"--out {out}: matplotlib cannot write {out.suffix} files; use one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")  # fmt: skip
+    return out
+
+
 def plot_runs(runs: list[Curves], out: str | Path, title: str = "loss") -> Path:
-    """Draw the runs' curves into a PNG at `out` (folders created); returns its path."""
+    """Draw the runs' curves into an image at output_path(out) (PNG unless its suffix names
+    another format; folders created); returns the path written. Raises OutputError."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
+    out = output_path(out)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for i, run in enumerate(runs):
         colour = f"C{i % 10}"
@@ -67,10 +89,13 @@ def plot_runs(runs: list[Curves], out: str | Path, title: str = "loss") -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, bbox_inches="tight")
+    except OSError as e:
+        raise write_failed(out, e, "nothing else was changed") from e
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -83,9 +108,11 @@ def run_label(run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.plot", description=__doc__)
+    parser = ArgumentParser(prog="python -m pipeline.plot", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run folders, or sweep folders holding runs")
-    parser.add_argument("--out", default="loss.png", help="PNG to write (default loss.png)")
+    parser.add_argument("--out", default="loss.png",
+                        help="image to write: PNG (default loss.png; .png is added to a name "
+                        "without suffix), or .svg, .pdf ... by its suffix")  # fmt: skip
     parser.add_argument("--title", default="loss")
     args = parser.parse_args(argv)
     run_dirs = expand_runs(args.runs)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import LoggerConfig
+from pipeline.evaluation.scoring import perplexity
 from pipeline.files import write_failed
 from pipeline.training import runlog
 from pipeline.training.wandb_run import WandbRun
@@ -139,12 +139,13 @@ class Reporter:
         )
 
     def val_step(self, step: int, max_steps: int, loss: float, tokens_seen: int) -> None:
-        """Log a validation result: loss (nats/token) and perplexity exp(loss)."""
+        """Log a validation result: loss (nats/token) and perplexity exp(loss) (inf once that
+        overflows: a diverged run is logged, not crashed)."""
         self.log(
             "val",
             step,
-            {"loss": loss, "perplexity": math.exp(loss), "tokens_seen": tokens_seen},
-            f"step {step}/{max_steps} | val loss {loss:.4f} | perplexity {math.exp(loss):.2f}",
+            {"loss": loss, "perplexity": perplexity(loss), "tokens_seen": tokens_seen},
+            f"step {step}/{max_steps} | val loss {loss:.4f} | perplexity {perplexity(loss):.2f}",
         )
 
     def sample(self, step: int, tokens_seen: int, prompt: str, text: str) -> None:
@@ -193,4 +194,4 @@ class Reporter:
 
 
 def _fmt(loss: float | None) -> str:
-    return "n/a" if loss is None else f"{loss:.4f} (perplexity {math.exp(loss):,.2f})"
+    return "n/a" if loss is None else f"{loss:.4f} (perplexity {perplexity(loss):,.2f})"

@@ -23,6 +23,8 @@ from pipeline.config import LoggerConfig
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
 """W&B run ids: 8 characters of these, as wandb generates them."""
+SERVICE = "WANDB_SERVICE"
+"""The variable through which a process finds W&B's service process (wandb.env.SERVICE)."""
 
 
 def mode(cfg: LoggerConfig) -> str:
@@ -84,11 +86,14 @@ class WandbRun:
         # cannot be reached
         settings = wandb.Settings(init_timeout=cfg.init_timeout,
                                   finish_timeout=cfg.finish_timeout, quiet=True)  # fmt: skip
+        service = os.environ.get(SERVICE)  # set by the user for a shared service, or None
         try:
             self.run = wandb.init(mode=mode(cfg), settings=settings, **kwargs)
         except Exception as e:  # noqa: BLE001 - unreachable, refused, timed out: log offline
             with contextlib.suppress(Exception):
                 wandb.teardown()  # the failed attempt's service, before a new one
+            if service is None:  # wandb left its (closing) service's address here: that
+                os.environ.pop(SERVICE, None)  # service still holds the run id for a while
             reason = _reason(e)
             try:
                 self.run = wandb.init(mode="offline", settings=settings, **kwargs)

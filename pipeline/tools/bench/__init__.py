@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.config import COMPILE_MODES
-from pipeline.errors import ConfigError
+from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.files import write_text_atomic
 from pipeline.model import PRESETS
 from pipeline.tools.bench.host import (
@@ -115,9 +115,7 @@ QUICK = Settings(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only", default=",".join(BENCHES), help=f"comma-separated: {','.join(BENCHES)}"
     )
