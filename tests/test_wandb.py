@@ -35,8 +35,9 @@ def no_login(tmp_path: Path) -> dict[str, str]:
     """A machine where nobody ran `wandb login`: an empty home, no netrc, no key."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
+    config = home / ".config" / "wandb"
     return {"HOME": str(home), "NETRC": str(home / ".netrc"), "WANDB_API_KEY": "",
-            "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"), "WANDB_MODE": "online"}  # fmt: skip
+            "WANDB_CONFIG_DIR": str(config), "WANDB_MODE": "online"}  # fmt: skip
 
 
 def test_no_api_key_is_one_line_and_exit_2_before_any_work(sample_shards, tmp_path):

@@ -86,14 +86,15 @@ class WandbRun:
         # cannot be reached
         settings = wandb.Settings(init_timeout=cfg.init_timeout,
                                   finish_timeout=cfg.finish_timeout, quiet=True)  # fmt: skip
-        service = os.environ.get(SERVICE)  # set by the user for a shared service, or None
         try:
             self.run = wandb.init(mode=mode(cfg), settings=settings, **kwargs)
         except Exception as e:  # noqa: BLE001 - unreachable, refused, timed out: log offline
             with contextlib.suppress(Exception):
                 wandb.teardown()  # the failed attempt's service, before a new one
-            if service is None:  # wandb left its (closing) service's address here: that
-                os.environ.pop(SERVICE, None)  # service still holds the run id for a while
+            # The service that took the failed attempt still holds its run id for a while (or
+            # for good, when it is shared and named in WANDB_SERVICE): the offline run gets a
+            # service of its own.
+            os.environ.pop(SERVICE, None)
             reason = _reason(e)
             try:
                 self.run = wandb.init(mode="offline", settings=settings, **kwargs)

@@ -18,6 +18,9 @@ def use_shared_data() -> None:
 
 def process_env(**extra: str) -> dict[str, str]:
     """The environment of a child process: this one's (with use_shared_data applied), the
-    repository importable from any working directory, and `extra` on top."""
+    repository importable from any working directory, and `extra` on top. Not the address of
+    a W&B service an earlier test started in this process (WANDB_SERVICE): each command starts
+    its own, as it does for a user."""
     use_shared_data()
-    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "PYTHONPATH": str(REPO), **extra}
