@@ -10,6 +10,7 @@ Shapes use B = batch, T = sequence length (≤ block_size), C = n_embd, V = padd
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -86,18 +87,27 @@ chunked (default; no (B, T, V) logits held), full (the logits materialised, as n
 the reference the chunked loss is tested against), liger (Liger-Kernel's fused Triton kernel,
 CUDA only, opt-in)."""
 
-LOSS_CHUNK_ELEMENTS = 1 << 24
-"""Logits computed at once by the chunked loss: 16M float32 (64 MiB), i.e. 256 rows of the
-50304-entry vocabulary (the row count is rounded down to a power of two). Measured on a 2-core
-CPU (BENCHMARKS.md): 64 to 1024 rows train the tiny model at the same step time within noise;
-smaller chunks only add Python overhead, larger ones only add memory."""
+LOSS_CHUNK_BYTES: dict[str, int] = {"cuda": 1 << 30, "cpu": 1 << 26}
+"""Float32 logits the chunked loss computes at once, by device type. On a GPU 1 GiB: each chunk
+re-reads the output weight and adds into the float32 grad_weight, so few large chunks keep that
+memory traffic small (16 chunks for GPT-2 124M at 64 × 1024 instead of 256). On a CPU 64 MiB
+(256 rows of the 50304-entry vocabulary): measured on a 2-core CPU (BENCHMARKS.md), 64 to 1024
+rows train the tiny model at the same step time within noise; smaller chunks only add Python
+overhead, larger ones only memory. Other devices take the CPU's."""
+MAX_LOSS_CHUNKS = 16
+"""At most this many chunks per micro-batch, whatever its size (chunks grow past the budget
+instead): torch.compile unrolls the chunk loop, and its compile time grows with the number of
+chunks (27 s at 16 chunks, 233 s at 256 for the loss alone on a CPU; BENCHMARKS.md)."""
 
 
-def loss_chunk_rows(vocab_rows: int, elements: int = LOSS_CHUNK_ELEMENTS) -> int:
-    """Rows (positions) per chunk of the chunked loss: the largest power of two whose logits,
-    rows × vocab_rows, stay within `elements` (at least 1)."""
-    rows = max(1, elements // vocab_rows)
-    return 1 << (rows.bit_length() - 1)
+def loss_chunk_rows(vocab_rows: int, rows: int = 0, device_type: str = "cpu") -> int:
+    """Rows (positions) per chunk of the chunked loss for `rows` positions in all: the largest
+    power of two whose float32 logits, rows × vocab_rows × 4 bytes, fit LOSS_CHUNK_BYTES of the
+    device type, but at least ceil(rows / MAX_LOSS_CHUNKS), so there are never more than
+    MAX_LOSS_CHUNKS chunks (at least 1 row)."""
+    budget = LOSS_CHUNK_BYTES.get(device_type, LOSS_CHUNK_BYTES["cpu"]) // (4 * vocab_rows)
+    within = 1 << (max(1, budget).bit_length() - 1)
+    return max(within, -(-rows // MAX_LOSS_CHUNKS))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -154,10 +164,11 @@ def chunked_cross_entropy(
     x: (N, C) float; weight: (V, C); targets: (N,) int64 in [0, V). reduction "mean" gives a
     float32 scalar, differentiable in x and weight (see _LinearCrossEntropy); "none" gives the
     (N,) float32 per-position losses and is for evaluation only (no gradient). chunk_rows
-    defaults to loss_chunk_rows(V). Equals `F.cross_entropy((x @ weight.T).float(), targets)`
-    up to float rounding. Raises ValueError for another reduction or a gradient with "none".
+    defaults to loss_chunk_rows(V, N, x.device.type). Equals
+    `F.cross_entropy((x @ weight.T).float(), targets)` up to float rounding. Raises ValueError
+    for another reduction or a gradient with "none".
     """
-    chunk_rows = chunk_rows or loss_chunk_rows(weight.size(0))
+    chunk_rows = chunk_rows or loss_chunk_rows(weight.size(0), x.size(0), x.device.type)
     if reduction == "mean":
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
@@ -186,6 +197,12 @@ def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """Mean cross-entropy through Liger-Kernel's fused linear cross-entropy (CUDA, Triton),
     with a float32 gradient accumulator where the installed version takes one. Raises
     RuntimeError when liger-kernel is not installed (`pip install liger-kernel`)."""
+    return _liger_loss()(weight, x, targets)
+
+
+@functools.cache
+def _liger_loss() -> nn.Module:
+    """Liger-Kernel's loss module, built once (not at every call, inside a compiled graph)."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as e:
@@ -198,7 +215,7 @@ def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     kwargs = {}
     if "accum_dtype" in inspect.signature(LigerFusedLinearCrossEntropyLoss).parameters:
         kwargs["accum_dtype"] = torch.float32
-    return LigerFusedLinearCrossEntropyLoss(**kwargs)(weight, x, targets)
+    return LigerFusedLinearCrossEntropyLoss(**kwargs)
 
 
 class KVCache:
@@ -304,6 +321,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
         self.activation_checkpointing = False  # runtime.activation_checkpointing sets it
         self.loss_impl: LossImpl = "chunked"  # runtime.loss_impl sets it
+        self.loss_chunk_rows: int | None = None  # None: loss_chunk_rows() by the device's budget
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -390,7 +408,8 @@ class GPT(nn.Module):
             return logits, loss if reduction == "mean" else loss.view(targets.shape)
         if self.loss_impl == "liger" and reduction == "mean" and torch.is_grad_enabled():
             return None, liger_cross_entropy(flat_x, weight, flat_t)
-        loss = chunked_cross_entropy(flat_x, weight, flat_t, reduction)  # () or (B·T,)
+        loss = chunked_cross_entropy(flat_x, weight, flat_t, reduction,
+                                     self.loss_chunk_rows)  # () or (B·T,)  # fmt: skip
         return None, loss if reduction == "mean" else loss.view(targets.shape)
 
     @torch.no_grad()

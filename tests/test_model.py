@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import GPT, PRESETS, ModelConfig, chunked_cross_entropy, loss_chunk_rows
+from pipeline.model import (
+    GPT,
+    MAX_LOSS_CHUNKS,
+    PRESETS,
+    ModelConfig,
+    chunked_cross_entropy,
+    loss_chunk_rows,
+)
 
 # Parameter counts of OpenAI's released checkpoints (Hugging Face GPT2LMHeadModel, tied
 # embeddings counted once), vocabulary 50,257.
@@ -191,7 +198,19 @@ def test_chunks_that_do_not_divide_the_positions_give_the_same_loss(verdict_toke
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     assert (x.grad - grads[0]).norm() / grads[0].norm() < 1e-5
     assert (w.grad - grads[1]).norm() / grads[1].norm() < 1e-5
+
+
+def test_loss_chunks_follow_the_device_budget_and_stay_few():
+    """GPT-2's padded vocabulary: 256 rows (64 MiB of float32 logits) on a CPU, 4,096 (1 GiB)
+    on a GPU; never more than MAX_LOSS_CHUNKS chunks, whatever the micro-batch."""
     assert loss_chunk_rows(50304) == 256 and loss_chunk_rows(10**9) == 1
+    assert loss_chunk_rows(50304, 4 * 1024, "cpu") == 256  # 16 chunks
+    assert loss_chunk_rows(50304, 64 * 1024, "cuda") == 4096  # 16 chunks, was 256 chunks
+    assert loss_chunk_rows(50304, 8 * 1024, "cuda") == 4096  # 2 chunks
+    for rows, device in [(64 * 1024, "cpu"), (10**6, "cuda"), (123_457, "cuda")]:
+        chunk = loss_chunk_rows(50304, rows, device)
+        assert -(-rows // chunk) <= MAX_LOSS_CHUNKS
+    assert loss_chunk_rows(50304, 64 * 1024, "mps") == loss_chunk_rows(50304, 64 * 1024, "cpu")
 
 
 def test_per_position_losses_for_evaluation(verdict_tokens):

@@ -36,8 +36,10 @@ def estimate_memory(
     sharded: bool = False,
     optimizer: str = "adamw",
     loss_impl: str = "chunked",
+    device_type: str = "cuda",
 ) -> dict[str, int]:
-    """Estimated peak training memory of one GPU, in bytes, by component, and their total.
+    """Estimated peak training memory of one GPU (device_type "cuda"; "cpu" for the chunk size
+    the loss takes on a CPU), in bytes, by component, and their total.
 
     An estimate for eager PyTorch, not a measurement: it leaves out the CUDA context and
     kernels (~0.5 GiB), the caching allocator's fragmentation, cuBLAS and attention workspaces,
@@ -64,7 +66,8 @@ def estimate_memory(
       figure is a little low, and ~64.5·s·b·h with fp32.
     - logits: the output layer and the loss. loss_impl="chunked" (the default; see
       pipeline.model.chunked_cross_entropy): 8·b·s·h + 8·V·h + c·V·k with
-      c = min(loss_chunk_rows(V), b·s): the float32 input gradient (b·s·h) and weight gradient
+      c = min(loss_chunk_rows(V, b·s, device_type), b·s): the float32 input gradient (b·s·h)
+      and weight gradient
       (V·h) computed in the forward, each held to the backward and scaled there into a copy,
       plus one chunk of logits at a time, k = 4 bytes in fp32 (float32 logits, softmaxed in
       place) or 8 with bf16 (the bf16 product, its float32 copy and the bf16 cast of its
@@ -98,7 +101,7 @@ def estimate_memory(
     if loss_impl == "full":
         logits = b * s * v * (act + 12)
     else:
-        rows = min(loss_chunk_rows(v), b * s)
+        rows = min(loss_chunk_rows(v, b * s, device_type), b * s)
         logits = 8 * b * s * h + 8 * v * h + rows * v * (4 if act == 4 else 8)
     out = {
         "parameters": -(-4 * n // shards),

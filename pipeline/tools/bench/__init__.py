@@ -18,6 +18,9 @@
   micro-batch that fits on an 80 GB GPU (measured on CUDA; the analytic estimate without it).
 - sample: greedy generation of 256 tokens after a 32-token prompt by GPT-2 124M, with the KV
   cache and without it.
+- compile: graphs, graph breaks, traced operations and compile time of GPT-2 124M's compiled
+  training step with the loss chunks of a 64 x 1024 GPU run, before and after they were sized
+  by the device's budget (minutes on a CPU; not in the default run).
 
 The data come from $FINEWEB_SAMPLE and $TIKTOKEN_CACHE_DIR, by default under $SHARED_DATA or
 `../shared/data` beside the repository (as in tests/conftest.py). The output file keeps one
@@ -25,7 +28,7 @@ section per device: a run of every benchmark replaces the section of its own dev
 the others; a run of some (--only) replaces only their parts of that section, each with a note
 of its date, command and load. Nothing runs at import time.
 
-One module per benchmark (prepare, loader, train, loss, memory, sample: each measures and
+One module per benchmark (prepare, loader, train, loss, memory, sample, compiling: each measures and
 renders its section) on `host` (the machine), `child` (fresh processes) and `render`
 (BENCHMARKS.md); this one is the command line.
 """
@@ -44,6 +47,7 @@ from pipeline.config import COMPILE_MODES
 from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.files import write_text_atomic
 from pipeline.model import PRESETS
+from pipeline.tools.bench.compiling import bench_compile, render_compile
 from pipeline.tools.bench.host import (
     describe_device,
     fineweb_sample,
@@ -70,7 +74,9 @@ from pipeline.tools.bench.render import (
 from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
 from pipeline.tools.bench.train import bench_train, render_train
 
-BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample")
+BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile")
+DEFAULT = ("prepare", "loader", "train", "loss", "memory", "sample")
+"""What `python -m pipeline.bench` runs without --only."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ QUICK = Settings(
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--only", default=",".join(BENCHES), help=f"comma-separated: {','.join(BENCHES)}"
+        "--only", default=",".join(DEFAULT), help=f"comma-separated: {','.join(BENCHES)}"
     )
     parser.add_argument("--out", default="BENCHMARKS.md", help="markdown file to update")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -191,12 +197,14 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     ) else []  # fmt: skip
     memory = bench_memory() if "memory" in benches else []
     sampled = bench_sample(*settings.sample_case) if "sample" in benches else None
+    compiled = bench_compile() if "compile" in benches else []
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
     parts += [render_loss(losses)] if losses else []
     parts += [render_memory(memory)] if memory else []
     parts += [render_sample(sampled)] if sampled else []
+    parts += [render_compile(compiled)] if compiled else []
     return parts
 
 
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> str:
     out = Path(args.out)
     existing = out.read_text() if out.is_file() else ""
     old = device_section(existing, device.key)
-    if old is None or set(selected(args.only)) == set(BENCHES):
+    if old is None or set(selected(args.only)) >= set(DEFAULT):
         section = render_section(device, info, parts)
     else:  # some benchmarks: the other parts of the device section stay as they were
         section = replace_parts(old, parts, run_note(info))

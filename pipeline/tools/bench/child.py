@@ -38,11 +38,12 @@ def run_child(task: str, params: dict[str, Any], env: dict[str, str] | None = No
 
 
 def child_main(task: str, params_json: str) -> None:
-    """Entry point of a child process: run one task (prepare or train) and print its result as
-    one JSON line."""
+    """Entry point of a child process: run one task (prepare, train or compile) and print its
+    result as one JSON line."""
     # Imported here: the task modules import run_child from this one.
-    from pipeline.tools.bench import prepare, train
+    from pipeline.tools.bench import compiling, prepare, train
 
-    tasks = {"prepare": prepare.prepare_child, "train": train.train_child}
+    tasks = {"prepare": prepare.prepare_child, "train": train.train_child,
+             "compile": compiling.compile_child}  # fmt: skip
     result = tasks[task](json.loads(params_json))
     print(RESULT_MARK + json.dumps(result), flush=True)

@@ -58,7 +58,7 @@ def render_loss(pairs: list[tuple[TrainResult, TrainResult]]) -> str:
         "",
         "`pipeline.training.loop.train` in a fresh process per run, `runtime.loss_impl=full` (the "
         "(B, T, V) logits, their float32 copy and gradient, as nanoGPT) and `chunked` (the "
-        "default: 256 positions at a time, gradients computed in the forward; "
+        "default: on a CPU 256 positions at a time, gradients computed in the forward; "
         "`pipeline.model.chunked_cross_entropy`), the two alternating; precision "
         f"{pairs[0][0].precision}, compile off, no validation. Step time: median of "
         f"`step_time_s` after the warm-up steps; peak memory: {memory} of the run, which "
