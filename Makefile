@@ -38,7 +38,7 @@ DEMO_ENV := $(if $(FINEWEB_SAMPLE),HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
 .PHONY: help setup setup-gpu demo prepare train train-auto resume evaluate test lint format clean \
 	upload-shards download-shards push-checkpoint pull-checkpoint max-batch memory cost sweep plot \
-	sample hellaswag gpt2-hellaswag export push-hf bench compare lm-eval
+	sample hellaswag gpt2-hellaswag export push-hf bench compare lm-eval test-gpu preflight
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -152,6 +152,12 @@ compare: $(VENV)/.installed ## Tune AdamW and Muon on the tiny model (sweeps), c
 
 test: $(VENV)/.installed ## Run the test suite (CPU, offline, about 7 minutes on 2 cores)
 	$(PYTHON) -m pytest
+
+preflight: $(VENV)/.installed ## Check this GPU machine in minutes: versions, bf16, attention, compile, a step, NCCL, EXPERIMENT's speed and cost at PRICE, disk
+	$(PYTHON) -m pipeline.preflight $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) --price $(PRICE) $(ARGS)
+
+test-gpu: $(VENV)/.installed ## Run the gpu-marked tests (a CUDA machine: compile, bf16, flash SDPA, fused AdamW, Muon, losses, DDP, FSDP2)
+	$(PYTHON) -m pytest -m gpu
 
 lint: $(VENV)/.installed ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 MAX_LINES = 500
 
 ENTRY_POINTS = {"prepare", "train", "evaluate", "sample", "hf", "hub", "plan", "plot", "bench",
-                "compare", "lm_eval"}  # fmt: skip
+                "compare", "lm_eval", "preflight"}  # fmt: skip
 """`python -m pipeline.<name>`: thin, and none imports another."""
 
 BASE = ("pipeline.errors", "pipeline.files", "pipeline.config", "pipeline.model")
