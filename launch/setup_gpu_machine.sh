@@ -12,7 +12,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 $sudo apt-get update -qq
-$sudo apt-get install -y -qq python3-venv python3-dev git make tmux >/dev/null
+# build-essential: torch.compile's Inductor and Triton compile C and C++ helpers at run time
+$sudo apt-get install -y -qq python3-venv python3-dev build-essential git make tmux >/dev/null
 
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi >/dev/null; then
     echo "error: no working NVIDIA driver (nvidia-smi failed); use an image with the driver" >&2
@@ -36,7 +37,7 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "$TORCH_SPEC"   # PyPI's Linux wheels are the CUDA builds
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,gpu]'   # gpu: liger-kernel (runtime.loss_impl=liger)
 touch .venv/.installed
 .venv/bin/python - <<'PY'
 import torch

@@ -6,7 +6,7 @@ runs, with one thread and the offline environment, from REPO (default: this chec
   prepare: source=local name=demo shard_size=1000000 val_tokens=250000
            source.shuffle_buffer=10000 (the FineWeb sample, $FINEWEB_SAMPLE)
   train:   experiment=demo, 12 steps, optim=adamw and optim=muon, warmup 2, validation on 4,096
-           tokens and a checkpoint every 6 steps, no samples
+           tokens and a checkpoint every 6 steps, no samples, a train record every step
 and prints one line per figure (also written to OUT/identity.json): each shard's and the
 manifest's sha256 (16 hex digits); per optimizer the sha256 of the (step, loss) train records of
 metrics.jsonl, the validation loss at step 12, and the sha256 over step_0000012/model.pt's
@@ -75,7 +75,8 @@ def main() -> None:
     for opt in ("adamw", "muon"):
         run(repo, ["pipeline.train", "experiment=demo", f"data.shard_dir={out / 'shards/demo'}",
                    f"trainer.runs_dir={out / 'runs'}", f"trainer.run_name={opt}", f"optim={opt}",
-                   "trainer.max_steps=12", "optim.warmup_steps=2", *names])  # fmt: skip
+                   "trainer.max_steps=12", "optim.warmup_steps=2", "trainer.log_interval=1",
+                   *names])  # fmt: skip
         records = [json.loads(line) for line in (out / "runs" / opt / "metrics.jsonl").open()]
         train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
         val = [r["loss"] for r in records if r["kind"] == "val" and r["step"] == 12]

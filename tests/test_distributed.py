@@ -16,7 +16,7 @@ from helpers.paths import REPO
 from helpers.runs import final_weights, records
 from helpers.tiny import tiny_run, train_config
 
-from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.checkpoint import RNG, list_checkpoints, set_rng_state
 from pipeline.training.loop import train
 
 
@@ -133,3 +133,25 @@ def test_fsdp_checkpoint_resumes_on_one_process(sample_shards, single, sharded, 
     shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
     train(train_config(overrides(sample_shards, tmp_path, "fsdp")))
     assert_same_losses(records(run_dir, "train"), records(single, "train"))
+
+
+def test_each_rank_keeps_its_own_random_stream(double):
+    """Ranks draw from trainer.seed + rank after the (shared) initialisation; the checkpoint
+    records every rank's states, and each rank restores its own."""
+    rng = torch.load(list_checkpoints(double[0])[-1] / RNG, weights_only=True)
+    assert len(rng["other_ranks"]) == 1
+    rank0, rank1 = rng["torch"], rng["other_ranks"][0]["torch"]
+    assert not torch.equal(rank0, rank1)
+    draws = []
+    for rank in (0, 1):
+        set_rng_state(rng, rank)
+        draws.append(torch.rand(4))
+    torch.set_rng_state(rank1)
+    assert torch.equal(draws[1], torch.rand(4)) and not torch.equal(draws[0], draws[1])
+    # a rank the checkpoint has no states for (resumed on more processes): rank 0's states,
+    # then a seed of its own, different from every other rank's
+    set_rng_state(rng, 2)
+    third = torch.rand(4)
+    set_rng_state(rng, 2)
+    assert torch.equal(third, torch.rand(4))
+    assert not any(torch.equal(third, d) for d in draws)

@@ -165,8 +165,10 @@ class TrainerConfig:
     """Optimizer steps of the run; the cosine schedule ends here."""
     max_tokens: int | None = None
     """Alternative to max_steps: max_steps = ceil(max_tokens / tokens_per_step)."""
-    log_interval: int = 1
-    """Log train metrics every this many steps."""
+    log_interval: int = 10
+    """Write a train record (stdout, metrics.jsonl, W&B) every this many steps and at the last,
+    with the loss averaged over them. Each record costs the host a JSON write, a print and a
+    W&B call while the GPU waits for its next step, so not every step."""
     seed: int = 1337
     """Seeds model init, data order and dropout."""
     max_bad_steps: int = 5
@@ -248,8 +250,9 @@ class RuntimeConfig:
     """Shard parameters, gradients and optimizer states over the processes (FSDP2 full shard,
     one unit per block) instead of replicating them (DDP): for gpt2_large and gpt2_xl."""
     loss_impl: str = "chunked"
-    """Output layer + cross-entropy: `chunked` (a few hundred positions at a time, never the
-    whole (B, T, V) logits; see pipeline.model.chunked_cross_entropy), `full` (the logits
+    """Output layer + cross-entropy: `chunked` (positions in chunks of at most 1 GiB of float32
+    logits on a GPU, 64 MiB on a CPU, never more than 16 chunks; never the whole (B, T, V)
+    logits; see pipeline.model.loss_chunk_rows), `full` (the logits
     materialised, nanoGPT's way; more memory) or `liger` (Liger-Kernel's fused kernel, CUDA,
     needs `pip install liger-kernel`)."""
     activation_checkpointing: bool = False
@@ -257,9 +260,15 @@ class RuntimeConfig:
     third more compute for a much larger micro_batch_size."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU; null = look up the bf16 dense peak by device name."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective (all-reduce, barrier) may wait before the process group gives up:
+    long enough for every rank to wait while the largest checkpoint is gathered and written
+    (gpt2_xl: ~18 GB); torch's default, 10 minutes, is not."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.dist_timeout_s < 1:
+            out.append(f"runtime.dist_timeout_s={self.dist_timeout_s} must be >= 1 (seconds)")
         if self.compile_mode not in COMPILE_MODES:
             out.append(f"runtime.compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
         if self.precision not in PRECISIONS:

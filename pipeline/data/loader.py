@@ -62,6 +62,7 @@ class TrainLoader:
                 f"prepare again with shard_size >= {block_size + 1:,}, or lower block_size"
             ])  # fmt: skip
         self.position = 0
+        self._ahead: tuple[int, tuple | ShardError] | None = None  # prefetch(): position, batch
         self._epoch_order: tuple[int, np.ndarray, np.ndarray] | None = None  # epoch, order, ends
         self._shard_perm: tuple[tuple[int, int], np.ndarray] | None = None  # (epoch, shard), perm
 
@@ -92,9 +93,32 @@ class TrainLoader:
 
     # --- batches ----------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next micro-batch: x = window[:-1], y = window[1:], (B, T) int64 each."""
+        """This rank's next micro-batch: x = window[:-1], y = window[1:], (B, T) int64 each
+        (the one prefetch() read, when it did)."""
+        ahead, self._ahead = self._ahead, None
+        batch = ahead[1] if ahead is not None and ahead[0] == self.position else None
+        if batch is None:
+            batch = self._read(self.position)
+        elif isinstance(batch, ShardError):
+            raise batch
+        self.position += self.world_size * self.micro_batch_size
+        return batch
+
+    def prefetch(self) -> None:
+        """Read this rank's next micro-batch now and queue its copy to the device (on CUDA the
+        copy runs while the device computes), for next_batch to return. Moves no position: a
+        checkpoint taken in between records the same state. A token id the batch must not hold
+        is raised by next_batch, when the batch is used."""
+        if self._ahead is None:
+            try:
+                self._ahead = (self.position, self._read(self.position))
+            except ShardError as e:
+                self._ahead = (self.position, e)
+
+    def _read(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch of this rank at global `position`, on the device."""
         B, T = self.micro_batch_size, self.block_size
-        start = self.position + self.rank * B
+        start = position + self.rank * B
         buf = np.empty((B, T + 1), dtype=np.int64)
         for j in range(B):
             shard, offset = self.sample_location(start + j)
@@ -105,7 +129,6 @@ class TrainLoader:
                     f"{offset + T} is not below vocab_size {self.vocab_size}: the shard is "
                     "corrupt or from another tokenizer; prepare the data again"
                 )
-        self.position += self.world_size * B
         batch = torch.from_numpy(buf)
         if self.device.type == "cuda":
             # Pinned host memory lets the copy run asynchronously with compute.
@@ -132,7 +155,7 @@ class TrainLoader:
                     f"checkpoint loader {key}={state[key]} but this run has "
                     f"{getattr(self, key)}: resume with the same data, block_size and seed"
                 )
-        self.position = int(state["position"])
+        self.position, self._ahead = int(state["position"]), None
 
 
 class ValidationWindows:

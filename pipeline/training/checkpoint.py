@@ -23,6 +23,7 @@ exit 2), and resuming stops there instead of falling back to an older checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -85,10 +86,17 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, rank: int = 0) -> None:
     """Restore the states rng_state() returned, or the tuples (with a numpy array) that rng.pt
-    held before it held tensors only. Raises TypeError, ValueError, KeyError or RuntimeError for
-    states of the wrong kind (load_checkpoint turns them into a CheckpointError)."""
+    held before it held tensors only. rank > 0 restores its own states from
+    state["other_ranks"][rank - 1] (a checkpoint of as many processes or more); without them
+    (fewer processes then, or an earlier rng.pt) it takes rank 0's, then reseeds torch with a
+    number drawn from rank 0's torch state plus the rank, so that each rank's dropout still
+    differs. Raises TypeError, ValueError, KeyError or RuntimeError for states of the wrong
+    kind (load_checkpoint turns them into a CheckpointError)."""
+    others = state.get("other_ranks", []) if rank else []
+    if 0 < rank <= len(others):
+        return set_rng_state(others[rank - 1])
     python, numpy = state["python"], state["numpy"]
     if isinstance(python, dict):
         mt = tuple(int(x) for x in python["state"].tolist())
@@ -104,6 +112,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if rank:
+        digest = hashlib.sha256(state["torch"].numpy().tobytes()).digest()
+        torch.manual_seed(int.from_bytes(digest[:4], "little") + rank)
 
 
 OLD_RNG_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype,
@@ -223,11 +234,13 @@ def save_checkpoint(
     optimizer_state: dict,
     state: dict,
     keep_last: int,
+    rng: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` of the run, then rotate the run's checkpoints (see rotate).
 
     model_state, optimizer_state: from full_state(). state: JSON-serialisable (tokens seen,
-    loader, config, ...).
+    loader, config, ...). rng: the RNG states to record (rng_state() of this process, with
+    the other processes' under "other_ranks"); None records this process's alone.
     Written under `.step_NNNNNNN.tmp` and renamed when complete (pipeline.files.atomic_dir).
     Returns the checkpoint folder. On any failure the partial folder is removed and earlier
     checkpoints are untouched; a failed write (an OSError, or the RuntimeError "unexpected pos"
@@ -240,7 +253,7 @@ def save_checkpoint(
             inject("checkpoint", step)
             sizes |= {
                 OPTIMIZER: _save(optimizer_state, tmp / OPTIMIZER),
-                RNG: _save(rng_state(), tmp / RNG),
+                RNG: _save(rng if rng is not None else rng_state(), tmp / RNG),
             }
             with open(tmp / STATE, "w") as f:
                 json.dump({**state, "step": step, "files": sizes}, f, indent=2)
@@ -364,11 +377,13 @@ def load_newest_good(
     optimizer: Optimizer,
     warn: Callable[[str], None] = print,
     check: Callable[[Path, dict], str | None] = lambda path, state: None,
+    rank: int = 0,
 ) -> tuple[Path, dict] | None:
     """Load the newest checkpoint of the run that loads cleanly; a truncated or corrupt one is
     reported through `warn` and skipped in favour of the one before it (never loaded silently).
     `check(folder, state.json)` may also refuse a checkpoint by returning the reason (e.g. a WSD run
     extended from before its decay); it is reported and skipped the same way.
+    rank: this process's, whose RNG states are restored (set_rng_state).
     Returns (folder, state.json) or None when the run has no checkpoint. Raises CheckpointError
     when checkpoints exist but none loads or passes check."""
     found = list_checkpoints(run_dir)
@@ -377,7 +392,7 @@ def load_newest_good(
         try:
             reason = check(path, read_state(path))
             if reason is None:
-                return path, load_checkpoint(path, model, optimizer)
+                return path, load_checkpoint(path, model, optimizer, rank=rank)
             refused.append(f"{path.name}: {reason}")
             warn(f"note: not resuming from {path}: {reason}")
         except UnsafeFileError:
@@ -403,6 +418,7 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: Optimizer | None = None,
     restore_rng: bool = True,
+    rank: int = 0,
 ) -> dict:
     """Load weights (and optimizer state, RNG states) from checkpoint folder `path` into the
     unwrapped model, sharded with FSDP or not (each process reads the files); returns its
@@ -431,7 +447,7 @@ def load_checkpoint(
         ) from e
     if rng is not None:
         try:
-            set_rng_state(rng)
+            set_rng_state(rng, rank)
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
             raise CheckpointError(
                 f"{path / RNG} holds no RNG states this run can restore ({type(e).__name__}: "

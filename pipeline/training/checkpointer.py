@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from pipeline.config import CheckpointConfig
 from pipeline.data.loader import TrainLoader
@@ -22,6 +23,7 @@ from pipeline.training.checkpoint import (
     read_state,
     remove_unfinished,
     resolve_checkpoint,
+    rng_state,
     save_checkpoint,
 )
 from pipeline.training.optim import Optimizers
@@ -151,7 +153,8 @@ class Checkpointer:
                 )
             return None, None
         if resume in ("auto", "latest"):
-            loaded = load_newest_good(run_dir, model, optimizer.raw, self.say, check)
+            loaded = load_newest_good(run_dir, model, optimizer.raw, self.say, check,
+                                      self.accelerator.process_index)  # fmt: skip
             if loaded is None and resume == "latest":
                 raise CheckpointError(
                     f"checkpoint.resume=latest but {run_dir} has no complete checkpoint: check "
@@ -163,7 +166,8 @@ class Checkpointer:
         reason = check(path, read_state(path))
         if reason is not None:
             raise ConfigError([f"checkpoint.resume={resume}: {reason}"])
-        return path, load_checkpoint(path, model, optimizer.raw)
+        return path, load_checkpoint(path, model, optimizer.raw,
+                                     rank=self.accelerator.process_index)  # fmt: skip
 
     def save(
         self, state: RunState, model: GPT, optimizer: Optimizers, loader: TrainLoader
@@ -176,6 +180,7 @@ class Checkpointer:
             self.say("warning: model weights differ between processes")
         if acc.is_main_process or self.fsdp:  # gathering shards is collective
             model_state, optimizer_state = full_state(model, optimizer.raw)
+        rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         if acc.is_main_process:
             stable = self.last_stable_step is not None and state.step <= self.last_stable_step
             extra = {
@@ -187,8 +192,10 @@ class Checkpointer:
                 "world_size": acc.num_processes,
                 "replicas_agree": agree,
             }
+            rng = {**rngs[0], "other_ranks": rngs[1:]}  # each rank's own dropout stream
             path = save_checkpoint(self.run_dir, state.step, model_state, optimizer_state,
-                                   {**state.state_dict(), **extra}, self.cfg.keep_last)  # fmt: skip
+                                   {**state.state_dict(), **extra}, self.cfg.keep_last,
+                                   rng)  # fmt: skip
             self.say(f"saved checkpoint {path}")
         acc.wait_for_everyone()
         return path

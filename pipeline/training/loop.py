@@ -6,6 +6,7 @@ when to save; the loop only calls them, with the TrainStep, the Reporter and the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -49,14 +50,19 @@ class Run:
     reporter: Reporter
     profiler: StepProfiler
     throughput: Throughput
+    window: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)
+    """(loss, grad norm, seconds) of the finite steps since the last train record."""
 
     def save(self) -> Path | None:
         """Checkpoint the run now (collective); the folder on the main process."""
         return self.checkpointer.save(self.state, self.model, self.step.optimizer, self.loader)
 
     def log_step(self, result: StepResult, lr: float, dt: float, bad_steps: int) -> None:
-        """Log the step just taken, of dt seconds: every log_interval, the last, and every
-        skipped (non-finite) one, with bad_steps the skipped steps in a row."""
+        """Log the step just taken, of dt seconds: a train record every log_interval steps and
+        at the last, with the loss and gradient norm averaged over the steps since the previous
+        record, their tokens/s and MFU; a skip record for every non-finite step, at once, with
+        bad_steps the skipped steps in a row. A step that stops the run (a signal) writes its
+        record too, so that none of its steps goes unrecorded."""
         t, step, max_steps = self.cfg.trainer, self.state.step, self.cfg.max_steps
         loss, grad_norm = result.loss, result.grad_norm
         if not result.finite:
@@ -68,17 +74,28 @@ class Run:
             return
         util = self.throughput.mfu(t.tokens_per_step / dt)
         self.reporter.time_step(t.tokens_per_step, dt, util)
-        if every(step, t.log_interval, max_steps):
-            self.reporter.train_step(step, max_steps, loss, lr, grad_norm, t.tokens_per_step, dt,
-                                     util, self.state.tokens_seen,
-                                     self.throughput.devices)  # fmt: skip
+        self.window.append((loss, grad_norm, dt))
+        if every(step, t.log_interval, max_steps) or result.stopping:
+            n = len(self.window)
+            losses, norms, seconds = (sum(column) for column in zip(*self.window))
+            self.window.clear()
+            rate = n * t.tokens_per_step / seconds
+            device = self.step.processes.device
+            memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            self.reporter.train_step(step, max_steps, losses / n, lr, norms / n,
+                                     t.tokens_per_step, seconds / n, self.throughput.mfu(rate),
+                                     self.state.tokens_seen, self.throughput.devices,
+                                     memory)  # fmt: skip
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
-    """The run's GPT on device, initialised from trainer.seed, with the runtime's activation
-    checkpointing and loss, sharded in place under runtime.fsdp."""
+def build_model(cfg: TrainConfig, device: torch.device, rank: int = 0) -> GPT:
+    """The run's GPT on device, initialised from trainer.seed (the same weights on every
+    process), with the runtime's activation checkpointing and loss, sharded in place under
+    runtime.fsdp. Afterwards torch draws from trainer.seed + rank: each process its own
+    dropout (the data order has a seeded generator of its own, the same on every process)."""
     torch.manual_seed(cfg.trainer.seed)
     model = GPT(cfg.model).to(device)
+    torch.manual_seed(cfg.trainer.seed + rank)
     model.activation_checkpointing = cfg.runtime.activation_checkpointing
     model.loss_impl = cfg.runtime.loss_impl
     if cfg.runtime.fsdp:
@@ -114,7 +131,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, cfg.max_steps, last_stable, config,
                                 accelerator, fsdp, main_print(main))  # fmt: skip
 
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, rank)
     optimizer = build_optimizer(model, cfg.optim, device.type)
     check = functools.partial(continuation_problem, cfg=cfg)
     resume_from, state = checkpointer.restore(model, optimizer, loader, check)
@@ -170,7 +187,8 @@ def _train(run: Run) -> dict:
         for step in range(state.step, max_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, optim, max_steps)  # AdamW's; Muon's follows at its own peak
-            result = run.step(step + 1, lr / optim.max_lr, run.loader.next_batch, stop.requested)
+            result = run.step(step + 1, lr / optim.max_lr, run.loader.next_batch, stop.requested,
+                              run.loader.prefetch)  # fmt: skip
             state.advance(cfg.trainer.tokens_per_step)
             bad_steps = 0 if result.finite else bad_steps + 1
             run.log_step(result, lr, time.perf_counter() - t0, bad_steps)

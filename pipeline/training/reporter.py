@@ -113,9 +113,13 @@ class Reporter:
         mfu: float | None,
         tokens_seen: int,
         num_processes: int = 1,
+        peak_memory: int | None = None,
     ) -> None:
-        """Log one optimizer step: loss (nats/token), lr, grad norm, tokens/s of the whole job
-        and per process (GPU), MFU (per GPU, the same for the job), step time (s)."""
+        """Log a train record at optimizer step `step`: loss (nats/token) and grad norm, the
+        means over the steps since the previous record, lr at this step, tokens/s of the whole
+        job and per process (GPU) and MFU (per GPU, the same for the job) over those steps,
+        their mean step time (s); on CUDA this process's peak memory so far (bytes; logged in
+        GiB)."""
         rate = tokens_per_step / step_time_s
         metrics = {
             "loss": loss,
@@ -127,6 +131,8 @@ class Reporter:
             "step_time_s": step_time_s,
             "tokens_seen": tokens_seen,
         }
+        if peak_memory is not None:
+            metrics["peak_memory_gib"] = peak_memory / 2**30
         shown_mfu = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
         self.log(
             "train",

@@ -4,8 +4,11 @@
 JSON object a line, appended and flushed as training goes, `{"kind": KIND, "step": STEP, ...}`
 with STEP the optimizer step (from 1) it was recorded at. The kinds and their fields:
 
-- train: loss (nats/token), lr, grad_norm, tokens_per_s (the whole job), tokens_per_s_per_gpu,
-  mfu (0 to 1; null where the device's peak is unknown), step_time_s (seconds), tokens_seen
+- train: every trainer.log_interval steps, the last and a stopping one: loss (nats/token) and
+  grad_norm, means over the finite steps since the previous train record; lr (of this step);
+  tokens_per_s (the whole job), tokens_per_s_per_gpu, mfu (0 to 1; null where the device's
+  peak is unknown) and step_time_s (seconds, mean), over those steps; tokens_seen; on CUDA
+  peak_memory_gib (torch.cuda.max_memory_allocated of rank 0 so far, GiB)
 - val: loss (nats/token), perplexity (exp(loss)), tokens_seen
 - skip: a step whose loss or gradient norm was not finite, its update skipped: loss, grad_norm
   (NaN or ±Infinity, as Python's json writes them)

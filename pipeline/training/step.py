@@ -113,12 +113,18 @@ class TrainStep:
         lr_scale: float,
         next_batch: Callable[[], Batch],
         stop_requested: Callable[[], bool] = lambda: False,
+        prefetch: Callable[[], None] = lambda: None,
     ) -> StepResult:
         """Run optimizer step number `step` (1-based, for fault injection) at lr_scale times
         each optimizer's peak rate. One collective reduces the loss together with
         stop_requested() (read after the backward), so every process agrees to stop. A
         non-finite loss or gradient norm skips the update; the gradients are cleared either
-        way."""
+        way.
+
+        The host waits for the device once per step: loss, stop flag and gradient norm come
+        back in one transfer, after `prefetch()` has read the next step's first micro-batch
+        and queued its copy, so the device is not left idle while the host fetches it. (The
+        update needs that answer: skipping a non-finite step is decided on the host.)"""
         procs = self.processes
         self.optimizer.set_lr_scale(lr_scale)
         loss = accumulate_gradients(self.forward, next_batch, self.grad_accum, procs,
@@ -127,9 +133,13 @@ class TrainStep:
         if isinstance(grad_norm, DTensor):  # FSDP: the norm of all shards together
             grad_norm = grad_norm.full_tensor()
         inject("backward", step)
-        stop = torch.tensor(float(stop_requested()), device=procs.device)
-        loss, stopping = procs.reduce(torch.stack([loss, stop]), "sum").tolist()
-        loss, grad_norm = loss / procs.num_processes, float(grad_norm)
+        # a fill kernel with the flag as its argument: no copy from the host, no wait
+        stop = torch.full((), float(stop_requested()), device=procs.device)
+        summed = procs.reduce(torch.stack([loss, stop]), "sum")
+        prefetch()
+        report = torch.stack([summed[0], summed[1], torch.as_tensor(grad_norm).to(summed)])
+        loss, stopping, grad_norm = report.tolist()  # the step's one wait for the device
+        loss /= procs.num_processes
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:  # a non-finite step is skipped: the weights stay at the last good state
             self.optimizer.step()

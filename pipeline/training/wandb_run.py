@@ -84,8 +84,9 @@ class WandbRun:
                       dir=str(run_dir), config=config)  # fmt: skip
         # quiet: no "logged in as" line, whose lookup alone retries for ~10 s when the server
         # cannot be reached
-        settings = wandb.Settings(init_timeout=cfg.init_timeout,
-                                  finish_timeout=cfg.finish_timeout, quiet=True)  # fmt: skip
+        wanted = dict(init_timeout=cfg.init_timeout, finish_timeout=cfg.finish_timeout, quiet=True)
+        known = getattr(wandb.Settings, "model_fields", wanted)  # a setting W&B may drop
+        settings = wandb.Settings(**{k: v for k, v in wanted.items() if k in known})
         try:
             self.run = wandb.init(mode=mode(cfg), settings=settings, **kwargs)
         except Exception as e:  # noqa: BLE001 - unreachable, refused, timed out: log offline

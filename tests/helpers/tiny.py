@@ -13,14 +13,15 @@ from pipeline.config import RENAMED, TrainConfig, conf_dir, register_configs, to
 
 def tiny_run(shard_dir: Path, runs_dir: Path, run_name: str, *settings: str) -> list[str]:
     """Hydra overrides of a 2-layer GPT-2 on 64-token windows on the CPU: 512 tokens per step
-    in micro-batches of 4, lr 1e-2 to 1e-3 after 2 warm-up steps, no samples; `settings` add
-    the rest (steps, intervals, seed)."""
+    in micro-batches of 4, lr 1e-2 to 1e-3 after 2 warm-up steps, no samples, a train record
+    every step; `settings` add the rest (steps, intervals, seed)."""
     return [
         "model=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
         "model.block_size=64", f"data.shard_dir={shard_dir}", f"trainer.runs_dir={runs_dir}",
         f"trainer.run_name={run_name}", "trainer.tokens_per_step=512",
         "trainer.micro_batch_size=4", "eval.sample_tokens=0", "runtime.cpu=true",
-        "optim.max_lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=2", *settings,
+        "optim.max_lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=2",
+        "trainer.log_interval=1", *settings,
     ]  # fmt: skip
 
 
