@@ -150,7 +150,7 @@ compare: $(VENV)/.installed ## Tune AdamW and Muon on the tiny model (sweeps), c
 	$(DEMO_ENV) $(PYTHON) -m pipeline.prepare $(DEMO_PREPARE)
 	$(PYTHON) -m pipeline.compare $(ARGS)
 
-test: $(VENV)/.installed ## Run the test suite (CPU, offline, about 7 minutes on 2 cores)
+test: $(VENV)/.installed ## Run the test suite (CPU, offline, about 9 minutes on 2 cores)
 	$(PYTHON) -m pytest
 
 preflight: $(VENV)/.installed ## Check this GPU machine in minutes: versions, bf16, attention, compile, a step, NCCL, EXPERIMENT's speed and cost at PRICE, disk

@@ -76,6 +76,7 @@ def test_loader_and_train_benchmarks_on_the_prepared_shards(prepared, tmp_path):
     assert "| off |" in render_train([train], None)
 
 
+@pytest.mark.slow  # 9 s of real GPT-2-sized steps; the loss itself is tested in test_model
 def test_loss_benchmark_runs_both_implementations(prepared, tmp_path):
     (pair,) = bench_loss(Path(prepared.shard_dir), tmp_path, (("tiny", 2, 64, 1, 1),), repeats=1)
     full, chunked = pair

@@ -4,6 +4,7 @@ end to end on a 2-layer model (one rate per sweep, one seed)."""
 from __future__ import annotations
 
 import matplotlib.image
+import pytest
 import torch
 from helpers.proc import run_module
 
@@ -33,6 +34,7 @@ def test_split_qkv_orthogonalises_each_block_on_its_own():
     assert w.grad is None  # the whole weight's gradient does not pile up across steps
 
 
+@pytest.mark.slow  # 20 s: real sweeps of the tool that runs for hours
 def test_compare_runs_the_sweeps_and_writes_the_tables(sample_shards, tmp_path):
     out, png = tmp_path / "BENCH.md", tmp_path / "loss.png"
     args = [

@@ -72,7 +72,7 @@ def prepare_args(fineweb_sample: Path, name: str, workers: int) -> list[str]:
             "progress=false"]  # fmt: skip
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_ctrl_c_in_prepare_keeps_completed_shards_and_continues(fineweb_sample, tmp_path, workers):
     out = tmp_path / "out" / "sample"
 

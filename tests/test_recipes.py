@@ -76,7 +76,9 @@ def test_muon_checkpoints_hold_both_optimizers(muon_reference):
     assert records(muon_reference, "val")[-1]["loss"] < records(muon_reference, "val")[0]["loss"]
 
 
-@pytest.mark.parametrize("fault", ["optimizer:3", "checkpoint:4"])
+@pytest.mark.parametrize(
+    "fault", [pytest.param("optimizer:3", marks=pytest.mark.slow), "checkpoint:4"]
+)  # AdamW's kill points are all in test_faults
 def test_killed_muon_run_resumes_to_the_same_weights(sample_shards, muon_reference, tmp_path,
                                                      fault):  # fmt: skip
     args = muon_run(sample_shards, tmp_path)

@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,17 @@ from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import USER_ERROR, UnsafeFileError
 from pipeline.interop.hub import install_checkpoint
+from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import (
     MODEL,
+    OLD_RNG_GLOBALS,
     OPTIMIZER,
     RNG,
     STATE,
     checkpoint_dir,
     list_checkpoints,
+    load_file,
+    load_newest_good,
     rng_state,
     set_rng_state,
 )
@@ -115,24 +120,26 @@ def test_resume_refuses_a_planted_rng_file_and_keeps_the_run(runs, sample_shards
     assert [p.name for p in list_checkpoints(runs / "run")] == ["step_0000002", "step_0000004"]
 
 
-def test_resume_refuses_a_pickle_torch_cannot_scan(runs, sample_shards, tmp_path):
-    """Pickle protocol 4 (torch.save writes 2): torch's scan cannot read it, so it is refused
-    rather than loaded."""
+@pytest.mark.parametrize(
+    "name,write,why",
+    [
+        (OPTIMIZER, lambda p, m: torch.save({"x": Payload(m)}, p, pickle_protocol=4),
+         "torch cannot check it before loading (Unsupported operand 149)"),
+        (RNG, lambda p, m: p.write_bytes(pickle.dumps({"x": Payload(m)})),
+         "it is not a file of torch.save, whose contents can be checked before loading"),
+    ],
+    ids=["pickle protocol 4", "a plain pickle"],
+)  # fmt: skip
+def test_resume_refuses_a_pickle_torch_cannot_scan(runs, tmp_path, name, write, why):
+    """Pickle protocol 4 (torch.save writes 2), or a plain pickle file (not torch.save's zip
+    format): torch's scan cannot read it, so it is refused rather than loaded. In process, as
+    resume calls it (the command line is tested above)."""
     marker = tmp_path / "ran"
-    path = plant_payload(checkpoint_dir(runs / "run", 4), OPTIMIZER, marker, pickle_protocol=4)
-    done = run_module("train", *overrides(sample_shards, runs), timeout=300)
-    why = "torch cannot check it before loading (Unsupported operand 149)"
-    assert_refused(done, path, why, marker)
-
-
-def test_resume_refuses_a_plain_pickle_file(runs, sample_shards, tmp_path):
-    """Not torch.save's zip format: nothing to check before loading, so it is refused."""
-    marker = tmp_path / "ran"
-    step4 = checkpoint_dir(runs / "run", 4)
-    path = plant(step4, RNG, lambda p: p.write_bytes(pickle.dumps({"x": Payload(marker)})))
-    done = run_module("train", *overrides(sample_shards, runs), timeout=300)
-    why = "it is not a file of torch.save, whose contents can be checked before loading"
-    assert_refused(done, path, why, marker)
+    path = plant(checkpoint_dir(runs / "run", 4), name, lambda p: write(p, marker))
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    with pytest.raises(UnsafeFileError) as info:
+        load_newest_good(runs / "run", model, [torch.optim.AdamW(model.parameters())])
+    assert f"error: {info.value}\n" == refusal(path, why) and not marker.exists()
 
 
 @pytest.mark.parametrize(
@@ -213,6 +220,33 @@ def old_rng_file(new: dict) -> dict:
         new["numpy"]["cached_gaussian"],
     )
     return {"python": python, "numpy": numpy, "torch": new["torch"]}
+
+
+def as_numpy_1_wrote_it(path: Path) -> None:
+    """Rewrite a torch.save file as numpy 1.x names its array reconstruction in the pickle
+    (numpy.core, not numpy._core)."""
+    with zipfile.ZipFile(path) as zin:
+        entries = [(item, zin.read(item.filename)) for item in zin.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for item, data in entries:
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(item, data)
+
+
+def test_an_rng_file_written_under_numpy_1_restores_the_same_states(tmp_path):
+    """numpy 1.x names its array reconstruction numpy.core.multiarray._reconstruct: such an
+    rng.pt loads (weights only) and restores the same draws."""
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    path = tmp_path / RNG
+    torch.save(old_rng_file(rng_state()), path)
+    as_numpy_1_wrote_it(path)
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_file(path, allow=OLD_RNG_GLOBALS))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
 def test_an_rng_file_of_the_earlier_format_resumes_the_same_run(trained, runs, sample_shards):

@@ -70,9 +70,10 @@ def test_an_unreachable_server_logs_offline_and_a_resume_finds_the_same_run(
     run_dir = runs / "run"
     [first] = offline_runs(run_dir)
     warning = [line for line in done.stdout.splitlines() if line.startswith("warning: W&B")]
+    reason = warning[0].split("(", 1)[1].split("):")[0]
     assert warning == [
-        f"warning: W&B cannot be reached ({warning[0].split('(', 1)[1].split('):')[0]}): logging "
-        f"offline to {first}; upload it later with `wandb sync {first}`"
+        f"warning: W&B could not start online ({reason}): logging offline to {first}; upload it "
+        f"later with `wandb sync {first}`"
     ]
     state = json.loads((checkpoint_dir(run_dir, 4) / "state.json").read_text())
     assert wandb_run_record(first).run_id == state["wandb_id"]

@@ -75,9 +75,10 @@ def check_command_line(
                 picked.append(f"{o.get_key_element()}={_option_text(_values(o)[0])}")
         try:
             cfg = compose(config_name, picked, return_hydra_config=True)
-        except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError([*problems, _first_line(e)]) from None
-        multirun = bool(args.multirun) or str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError:
+            raise ConfigError([*problems, _first_line(e)]) from None  # e.g. model=null
+        modes = [str(o.value()) for o in overrides if o.key_or_group == "hydra.mode"]
+        multirun = bool(args.multirun) or "MULTIRUN" in [*modes[-1:], str(cfg.hydra.mode)[8:]]
         for o in (o for o in overrides if o not in groups):
             problems += _value_problems(cfg, o, multirun)
         if multirun:
@@ -126,6 +127,10 @@ def _option_problems(loader, o: Override) -> list[str]:
     options = loader.get_group_options(o.key_or_group, results_filter=ObjectType.CONFIG)
     out = []
     for value in _values(o):
+        if value is None and not o.is_delete():
+            out.append(f"{o.key_or_group}=null: choose one of {', '.join(options)} (~"
+                       f"{o.key_or_group} removes an optional group)")  # fmt: skip
+            continue
         for name in value if isinstance(value, list) else [value]:
             if name is not None and str(name) not in options:
                 out.append(f"{o.key_or_group}={name}: no such option; choose one of "
@@ -162,7 +167,8 @@ def _value_problems(cfg: DictConfig, o: Override, multirun: bool) -> list[str]:
         return [] if exists else [f"{shown}: {_unknown(cfg, key)}"]
     if not exists and (not (o.is_add() or o.is_force_add()) or _typed_parent(cfg, key)):
         return [_unknown(cfg, key)]
-    if exists and o.is_add():
+    if exists and o.is_add() and OmegaConf.select(cfg, key, throw_on_missing=False) is not None \
+            and not isinstance(o.value(), (dict, list)):  # Hydra's rule for appending  # fmt: skip
         return [f"{shown}: {key} exists already: write {shown[1:]} (without +)"]
     if o.is_sweep_override() and not multirun:
         return [f"{shown}: several values are a sweep: add -m to run one job per value, or "
@@ -265,7 +271,10 @@ def resolution_problems(cfg: DictConfig) -> list[str]:
     unset (???), an interpolation that does not resolve or resolves to the wrong type."""
     out = []
     for key in _leaf_keys(cfg):
-        if key == "hydra" or key.startswith("hydra.") or isinstance(_node(cfg, key), DictConfig):
+        node = _node(cfg, key)
+        if key == "hydra" or key.startswith("hydra.") or isinstance(node, DictConfig):
+            continue
+        if "${hydra:" in str(node._value()):  # resolves only inside a Hydra job
             continue
         try:
             OmegaConf.select(cfg, key, throw_on_missing=True)

@@ -24,6 +24,7 @@ markdown table for BENCHMARKS.md. Memory in bytes unless named, times in seconds
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -46,6 +47,8 @@ from pipeline.model import GPT, PRESETS
 from pipeline.tools.cost import estimate_cost
 
 GIB = 2**30
+RECIPE_TIMEOUT_S = 900
+"""The recipe's steps, compile and start-up included, must end within this."""
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -199,8 +202,7 @@ def check_optimizers() -> Check:
               f"Muon + AdamW {times['muon']:.1f} ms")  # fmt: skip
 
 
-def check_nccl(size_mib: int = 256) -> Check:
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def check_nccl(gpus: int, work: Path, size_mib: int = 256) -> Check:
     if gpus < 2:
         return skipped("nccl", f"{gpus} GPU(s): an all-reduce needs two or more")
     code = (
@@ -214,9 +216,15 @@ def check_nccl(size_mib: int = 256) -> Check:
         "if r == 0: print('seconds', s)\n"
         "dist.destroy_process_group()\n"
     )
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          f"--nproc_per_node={gpus}", "-c", code], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    script = work / "all_reduce.py"
+    script.write_text(code)
+    try:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={gpus}", str(script)], capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return problem("nccl", f"an all-reduce across {gpus} GPUs did not finish in 300 s",
+                       "check NCCL (NCCL_DEBUG=INFO) and the GPU interconnect")  # fmt: skip
     seconds = [float(line.split()[1]) for line in out.stdout.splitlines()
                if line.startswith("seconds ")]  # fmt: skip
     if out.returncode or not seconds:
@@ -265,9 +273,16 @@ def check_recipe(experiment: str, gpus: int, price: float, steps: int, work: Pat
             "eval.tokens=0", "eval.sample_tokens=0", "checkpoint.interval=0",
             "checkpoint.resume=never", "logger=none"]  # fmt: skip
     env = {**os.environ, "NPROC": str(gpus), "PYTHON": sys.executable}
+    gc.collect()
+    torch.cuda.empty_cache()  # what the checks before left cached on GPU 0: the run's memory
     start = time.perf_counter()
-    out = subprocess.run(["bash", "launch/train_single_node.sh", *args], cwd=REPO, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    try:
+        out = subprocess.run(["bash", "launch/train_single_node.sh", *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=RECIPE_TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return problem("recipe", f"{steps} steps of {experiment} did not finish in "
+                       f"{RECIPE_TIMEOUT_S} s", "look for a hang with make train and the same "
+                       "settings (NCCL_DEBUG=INFO), or a very slow first compile")  # fmt: skip
     wall = time.perf_counter() - start
     if out.returncode:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -345,7 +360,7 @@ def run_checks(args: argparse.Namespace, work: Path) -> list[Check]:
     gpus = args.gpus or (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     steps: list[Callable[[], Check]] = [
         check_versions, check_bf16, check_attention, check_compile, check_step,
-        check_optimizers, check_nccl,
+        check_optimizers, lambda: check_nccl(gpus, work),
         lambda: check_recipe(args.experiment, gpus, args.price, args.steps, work),
         lambda: check_disk(args.experiment, [Path("shards"), Path("runs")], args.write_mib),
     ]  # fmt: skip

@@ -117,11 +117,19 @@ def set_rng_state(state: dict, rank: int = 0) -> None:
         torch.manual_seed(int.from_bytes(digest[:4], "little") + rank)
 
 
-OLD_RNG_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-                   type(np.dtype(np.uint32)))  # fmt: skip
+_RECONSTRUCT = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+OLD_RNG_GLOBALS = (
+    _RECONSTRUCT,
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),  # the name numpy 1.x pickles
+    (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),  # numpy 2's, read under numpy 1.x
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+)
 """What an rng.pt written before tensors-only RNG states holds besides tensors and numbers:
-numpy's MT19937 key array. Unpickling these builds an array and nothing else (an object array's
-items go through the same restricted unpickler), so such files still load with weights_only."""
+numpy's MT19937 key array (under the module name of the numpy that wrote it). Unpickling these
+builds an array and nothing else (an object array's items go through the same restricted
+unpickler), so such files still load with weights_only."""
 
 
 UNSAFE_THEN = (
@@ -160,8 +168,9 @@ def _first_line(error: Exception) -> str:
 
 
 def _names(globals_: tuple) -> set[str]:
-    """`module.name` of each class or function, as torch's scan names them."""
-    return {f"{g.__module__}.{g.__name__}" for g in globals_}
+    """`module.name` of each class or function (or the name given beside it), as torch's scan
+    names them."""
+    return {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__name__}" for g in globals_}
 
 
 def load_file(path: str | os.PathLike, allow: tuple = ()) -> Any:

@@ -85,6 +85,10 @@ class Checkpointer:
         if saved is not None:
             try:
                 loader.load_state_dict(saved["loader"], other_data=self._allow_other_data)
+            except (KeyError, TypeError) as e:  # a state.json without the loader's position
+                raise CheckpointError(f"{path / 'state.json'} records no loader position "
+                                      f"({type(e).__name__}: {e}): delete {path} to resume from "
+                                      "the checkpoint before it") from None  # fmt: skip
             except ValueError as e:  # other data, seed or block_size: the sample order differs
                 raise CheckpointError(
                     f"{path}: {e}, or start a new run (another trainer.run_name)"

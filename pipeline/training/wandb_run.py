@@ -34,11 +34,19 @@ def mode(cfg: LoggerConfig) -> str:
 
 def login_problem(cfg: LoggerConfig) -> str | None:
     """Why logger=wandb cannot log online here (no API key in WANDB_API_KEY, the netrc file or
-    W&B's settings; checked without network and without a prompt), or None."""
+    W&B's settings, or one W&B rejects as malformed; checked without network and without a
+    prompt), or None."""
     if cfg.kind != "wandb" or mode(cfg) != "online":
         return None
-    if _has_credentials():
-        return None
+    import wandb
+
+    try:
+        if _has_credentials():
+            return None
+    except wandb.errors.Error as e:  # AuthenticationError: a key of the wrong form
+        return (f"logger=wandb: W&B refuses its API key ({_reason(e)}): run `wandb login "
+                "--relogin` (or fix WANDB_API_KEY), or log offline with WANDB_MODE=offline, or "
+                "use logger=none")  # fmt: skip
     return (
         "logger=wandb found no W&B API key: run `wandb login` (or set WANDB_API_KEY) first, or "
         "log offline with WANDB_MODE=offline and upload later with `wandb sync`, or use "
@@ -104,7 +112,7 @@ class WandbRun:
                     f"run logs to metrics.jsonl only")  # fmt: skip
                 return
             folder = Path(self.run.settings.sync_dir)
-            say(f"warning: W&B cannot be reached ({reason}): logging offline to {folder}; "
+            say(f"warning: W&B could not start online ({reason}): logging offline to {folder}; "
                 f"upload it later with `wandb sync {folder}`")  # fmt: skip
         self._call(self._define_metrics)
 
