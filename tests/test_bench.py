@@ -111,6 +111,13 @@ def test_a_run_replaces_only_its_own_device_section():
     text = merge_benchmarks(text, "cpu: a", section("cpu: a", "second"))
     assert "first" not in text and "second" in text and "on the gpu" in text
     assert text.index("second") < text.index("on the gpu")  # sections keep their order
+    # text written by hand between and after the sections stays where it is
+    hand = "## Host waits per step\n\nCounted by hand.\n"
+    text = text.replace("<!-- bench:device gpu: h", hand + "\n<!-- bench:device gpu: h")
+    text = merge_benchmarks(text, "cpu: a", section("cpu: a", "third"))
+    assert "third" in text and text.index("third") < text.index(hand) < text.index("on the gpu")
+    text = merge_benchmarks(text, "cpu: b", section("cpu: b", "new device"))
+    assert text.index("on the gpu") < text.index("new device") and hand in text
 
 
 def test_command_line_writes_the_markdown_file(tmp_path):

@@ -16,8 +16,9 @@ from helpers.paths import REPO
 from helpers.runs import final_weights, records
 from helpers.tiny import tiny_run, train_config
 
-from pipeline.training.checkpoint import RNG, list_checkpoints, set_rng_state
+from pipeline.training.checkpoint import RNG, list_checkpoints
 from pipeline.training.loop import train
+from pipeline.training.rng import set_rng_state
 
 
 def overrides(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
@@ -155,3 +156,102 @@ def test_each_rank_keeps_its_own_random_stream(double):
     set_rng_state(rng, 2)
     assert torch.equal(third, torch.rand(4))
     assert not any(torch.equal(third, d) for d in draws)
+
+
+# --------------------------------------------------------------------------- Muon split by rank
+
+
+@pytest.fixture(scope="module")
+def muon_single(sample_shards, tmp_path_factory) -> Path:
+    """The one-process run with optim=muon (Muon on the block matrices, AdamW on the rest)."""
+    runs = tmp_path_factory.mktemp("muon_single")
+    train(train_config(overrides(sample_shards, runs, "one") + ["optim=muon"]))
+    return runs / "one"
+
+
+@pytest.fixture(scope="module")
+def muon_double(sample_shards, tmp_path_factory) -> Path:
+    """The same run on two processes: Muon inside ZeroRedundancyOptimizer (the default,
+    optim.muon_sharded=true), each block matrix's update computed on one rank and broadcast."""
+    runs = tmp_path_factory.mktemp("muon_double")
+    launch_two_processes(overrides(sample_shards, runs, "two") + ["optim=muon"])
+    return runs / "two"
+
+
+def optimizer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "optimizer.pt", weights_only=True)
+
+
+def same_bits(a, b) -> bool:
+    """Nested states equal, tensors bit for bit (dict key order aside, and tuple or list: a
+    resumed AdamW holds its betas as the list the checkpoint gave it)."""
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_bits, a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+def assert_same_bits(a: Path, b: Path) -> None:
+    """Two checkpoints hold the same weights and optimizer states, bit for bit."""
+    for name in ("model.pt", "optimizer.pt"):
+        assert same_bits(*(torch.load(c / name, weights_only=True) for c in (a, b))), (a, name)
+
+
+def test_muon_split_over_two_processes_equals_every_rank_running_it(
+    sample_shards, muon_single, muon_double, tmp_path
+):
+    # Every rank running Muon on every matrix: the same weights and momentum, bit for bit.
+    launch_two_processes(overrides(sample_shards, tmp_path, "two")
+                         + ["optim=muon", "optim.muon_sharded=false"])  # fmt: skip
+    for split, whole in zip(list_checkpoints(muon_double), list_checkpoints(tmp_path / "two")):
+        assert_same_bits(split, whole)
+    assert records(muon_double, "train") == records(tmp_path / "two", "train")
+    state = json.loads((list_checkpoints(muon_double)[-1] / "state.json").read_text())
+    assert state["replicas_agree"] is True  # every rank received every updated matrix
+    # Against one process: the losses as for AdamW. (The weights move further apart than
+    # AdamW's, also with muon_sharded=false: Newton–Schulz maps the gradient's smallest
+    # singular directions to size 1, so the rounding of two half-batch gradients averaged,
+    # against one accumulated, moves Muon's update by ~5% of a step, 1e-3 at muon_lr 0.02.)
+    assert_same_losses(records(muon_double, "train"), records(muon_single, "train"))
+    assert_same_losses(records(muon_double, "val"), records(muon_single, "val"))
+    # The checkpoint holds every matrix's momentum, gathered from both ranks, in the layout a
+    # one-process run writes: the same names, groups and settings.
+    split, one = (optimizer_state(list_checkpoints(r)[-1]) for r in (muon_double, muon_single))
+    assert split["state"].keys() == one["state"].keys()
+    assert sum("momentum_buffer" in s for s in split["state"].values()) == 2 * 4  # 2 layers
+    assert [g.keys() for g in split["param_groups"]] == [g.keys() for g in one["param_groups"]]
+    assert [g["params"] for g in split["param_groups"]] == [
+        g["params"] for g in one["param_groups"]
+    ]
+
+
+def test_muon_split_checkpoint_resumes_on_one_process(
+    sample_shards, muon_single, muon_double, tmp_path
+):
+    run_dir = tmp_path / "two"
+    shutil.copytree(muon_double, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    train(train_config(overrides(sample_shards, tmp_path, "two") + ["optim=muon"]))
+    assert_same_losses(records(run_dir, "train"), records(muon_single, "train"))
+    resumed = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
+    assert resumed["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_muon_checkpoints_resume_on_two_processes(
+    sample_shards, muon_single, muon_double, tmp_path
+):
+    """Each rank loads its matrices' momentum: a 2-process checkpoint continues on 2 processes
+    bit for bit as the uninterrupted run, and a 1-process one continues as the 1-process run."""
+    for source, name in ((muon_double, "two"), (muon_single, "one")):
+        run_dir = tmp_path / name
+        shutil.copytree(source, run_dir)
+        shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+        launch_two_processes(overrides(sample_shards, tmp_path, name) + ["optim=muon"])
+        assert_same_losses(records(run_dir, "train"), records(muon_single, "train"))
+        final = list_checkpoints(run_dir)[-1]
+        assert json.loads((final / "state.json").read_text())["world_size"] == 2
+    assert_same_bits(list_checkpoints(tmp_path / "two")[-1], list_checkpoints(muon_double)[-1])

@@ -60,7 +60,8 @@ def reference(sample_shards, tmp_path_factory) -> Path:
     "fault",
     [
         "backward:3",  # gradients computed, optimizer not stepped
-        "optimizer:4",  # weights updated, step 4 neither logged nor saved
+        # weights updated, step 4 neither logged nor saved: resumes as backward:3 does
+        pytest.param("optimizer:4", marks=pytest.mark.slow),
         "checkpoint:4",  # model.pt of checkpoint 4 written, the rest not
         # the last step done, its checkpoint not written: optimizer:4's kill point again
         pytest.param("optimizer:6", marks=pytest.mark.slow),

@@ -28,7 +28,6 @@ from pipeline.interop.hub import install_checkpoint
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import (
     MODEL,
-    OLD_RNG_GLOBALS,
     OPTIMIZER,
     RNG,
     STATE,
@@ -36,10 +35,9 @@ from pipeline.training.checkpoint import (
     list_checkpoints,
     load_file,
     load_newest_good,
-    rng_state,
-    set_rng_state,
 )
 from pipeline.training.loop import train
+from pipeline.training.rng import OLD_RNG_GLOBALS, rng_state, set_rng_state
 
 SETTINGS = ("trainer.max_steps=4", "checkpoint.interval=2", "eval.tokens=0", "trainer.seed=7")
 """The trained run: 4 steps, checkpoints at 2 and 4, no validation."""

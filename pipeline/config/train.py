@@ -93,6 +93,12 @@ class OptimConfig:
     rows/cols)), Keller Jordan) or `match_rms_adamw` (0.2·sqrt(max(rows, cols)), Liu et al.
     2025, "Muon is Scalable for LLM Training"), which lets muon_lr take AdamW-sized values."""
 
+    muon_sharded: bool = True
+    """muon, on several data-parallel processes: each block matrix's Newton–Schulz update and
+    momentum live on one process, which broadcasts the updated weight
+    (torch.distributed.optim.ZeroRedundancyOptimizer): 1/N of Muon's work and state per
+    process, the same weights bit for bit. false: every process runs Muon on every matrix."""
+
     def decay_start(self, max_steps: int) -> int:
         """The first step whose rate depends on max_steps: warmup_steps for cosine (its decay
         spans the whole run); for wsd, max_steps minus the max(1, round(decay_fraction ·

@@ -182,7 +182,9 @@ class SplitQKV(Optimizers):
             whole.grad = None
 
 
-def split_qkv_optimizer(model: torch.nn.Module, cfg, device_type: str) -> SplitQKV:
+def split_qkv_optimizer(
+    model: torch.nn.Module, cfg, device_type: str, world_size: int = 1
+) -> SplitQKV:
     """build_optimizer's Muon + AdamW with every c_attn weight replaced by its q, k, v blocks."""
     fused = build_optimizer(model, cfg, device_type)
     muon, adamw = fused.optimizers

@@ -3,7 +3,7 @@
 A checkpoint is a folder `<run_dir>/checkpoints/step_NNNNNNN/` (N = optimizer steps done):
   model.pt       full model state_dict (unsharded, no `module.` / `_orig_mod.` prefixes)
   optimizer.pt   full optimizer state (AdamW, or Muon and AdamW), keyed by parameter name
-                 (loads sharded or not)
+                 (loads sharded or not, also Muon split over ranks by ZeroRedundancyOptimizer)
   rng.pt         python, numpy, torch CPU and CUDA generator states, as tensors and numbers
   state.json     step, tokens seen, loader position, W&B run id, resolved config, the data
                  (absolute shard folder, manifest fingerprint), and the size and sha256 of
@@ -23,18 +23,15 @@ exit 2), and resuming stops there instead of falling back to an older checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -43,11 +40,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 
 from pipeline.errors import CheckpointError, UnsafeFileError
 from pipeline.files import atomic_dir, is_plain_name, sha256_file, write_failed
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.faults import inject
+from pipeline.training.optim import is_sharded, load_sharded_named_state, sharded_named_state
+from pipeline.training.rng import OLD_RNG_GLOBALS, rng_state, set_rng_state
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 STATE = "state.json"
@@ -65,71 +65,6 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE).is_file()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def rng_state() -> dict:
-    """The process's RNG states (python, numpy, torch CPU, and CUDA where present) as tensors
-    and plain numbers only, so that rng.pt loads with `torch.load(weights_only=True)`:
-    python {"version", "state": int64 (625,), "gauss_next"}, numpy {"algorithm", "key": int64
-    (624,), "pos", "has_gauss", "cached_gaussian"}, torch: uint8 tensor, cuda: list of them."""
-    version, mt, gauss_next = random.getstate()
-    algorithm, key, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-        "numpy": {"algorithm": algorithm, "key": torch.from_numpy(key.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }  # fmt: skip
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, rank: int = 0) -> None:
-    """Restore the states rng_state() returned, or the tuples (with a numpy array) that rng.pt
-    held before it held tensors only. rank > 0 restores its own states from
-    state["other_ranks"][rank - 1] (a checkpoint of as many processes or more); without them
-    (fewer processes then, or an earlier rng.pt) it takes rank 0's, then reseeds torch with a
-    number drawn from rank 0's torch state plus the rank, so that each rank's dropout still
-    differs. Raises TypeError, ValueError, KeyError or RuntimeError for states of the wrong
-    kind (load_checkpoint turns them into a CheckpointError)."""
-    others = state.get("other_ranks", []) if rank else []
-    if 0 < rank <= len(others):
-        return set_rng_state(others[rank - 1])
-    python, numpy = state["python"], state["numpy"]
-    if isinstance(python, dict):
-        mt = tuple(int(x) for x in python["state"].tolist())
-        python = (int(python["version"]), mt, python["gauss_next"])
-    if isinstance(numpy, dict):
-        key = np.asarray(numpy["key"].numpy(), dtype=np.int64)
-        if key.shape != (624,) or key.min() < 0 or key.max() >= 2**32:
-            raise ValueError(f"numpy key of shape {tuple(key.shape)} is not an MT19937 state")
-        numpy = (numpy["algorithm"], key.astype(np.uint32), int(numpy["pos"]),
-                 int(numpy["has_gauss"]), float(numpy["cached_gaussian"]))  # fmt: skip
-    random.setstate(python)
-    np.random.set_state(numpy)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if rank:
-        digest = hashlib.sha256(state["torch"].numpy().tobytes()).digest()
-        torch.manual_seed(int.from_bytes(digest[:4], "little") + rank)
-
-
-_RECONSTRUCT = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
-OLD_RNG_GLOBALS = (
-    _RECONSTRUCT,
-    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),  # the name numpy 1.x pickles
-    (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),  # numpy 2's, read under numpy 1.x
-    np.ndarray,
-    np.dtype,
-    type(np.dtype(np.uint32)),
-)
-"""What an rng.pt written before tensors-only RNG states holds besides tensors and numbers:
-numpy's MT19937 key array (under the module name of the numpy that wrote it). Unpickling these
-builds an array and nothing else (an object array's items go through the same restricted
-unpickler), so such files still load with weights_only."""
 
 
 UNSAFE_THEN = (
@@ -229,11 +164,26 @@ def full_state(model: torch.nn.Module, optimizer: Optimizer) -> tuple[dict, dict
     """The whole model and optimizer state, unsharded, on the CPU: parameter names as in the
     unwrapped model (no `module.`/`_orig_mod.` prefixes), optimizer state keyed by those names
     (several optimizers merge into one dict: their param_groups in order), so a checkpoint
-    loads into any number of processes, sharded (FSDP) or not. Collective under FSDP: every
-    process must call it."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(
-        model, optimizer, options=FULL
-    )
+    loads into any number of processes, sharded (FSDP, ZeroRedundancyOptimizer) or not.
+    Collective under FSDP and with a ZeroRedundancyOptimizer (is_sharded): then every process
+    must call it, and only rank 0 gets the states (the others get empty dicts)."""
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+    for opt in optimizers:
+        if is_sharded(opt):
+            opt.consolidate_state_dict(to=0)
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if not main and not isinstance(model, FSDPModule):
+        return {}, {}
+    model_state = get_model_state_dict(model, options=FULL)  # first: under FSDP2 the
+    # optimizer's state taken before it fails (KeyError in get_optimizer_state_dict, torch 2.13)
+    plain = [opt for opt in optimizers if not is_sharded(opt)]
+    parts = [get_optimizer_state_dict(model, plain, options=FULL) if plain else None]
+    if main:  # sharded optimizers first, as build_optimizer orders them (Muon, AdamW)
+        parts[:0] = [sharded_named_state(model, opt) for opt in optimizers if is_sharded(opt)]
+    parts = [part for part in parts if part]
+    named = {"state": {name: s for part in parts for name, s in part["state"].items()},
+             "param_groups": [g for part in parts for g in part["param_groups"]]}  # fmt: skip
+    return model_state, named
 
 
 def save_checkpoint(
@@ -446,7 +396,7 @@ def load_checkpoint(
     try:
         set_model_state_dict(model, weights, options=load)
         if opt_state is not None:
-            set_optimizer_state_dict(model, optimizer, opt_state, options=load)
+            _load_optimizers(model, optimizer, opt_state, load)
     except (RuntimeError, KeyError, ValueError) as e:  # another architecture: shapes, names
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
@@ -464,6 +414,20 @@ def load_checkpoint(
                 "before it"
             ) from None
     return state
+
+
+def _load_optimizers(
+    model: torch.nn.Module, optimizer: Optimizer, named: dict, options: StateDictOptions
+) -> None:
+    """Load a full_state optimizer state into the run's optimizers: each rank's part into a
+    ZeroRedundancyOptimizer, the rest through set_optimizer_state_dict."""
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+    for opt in optimizers:
+        if is_sharded(opt):
+            named = load_sharded_named_state(model, getattr(opt, "optimizer", opt), named)
+    plain = [opt for opt in optimizers if not is_sharded(opt)]
+    if plain:
+        set_optimizer_state_dict(model, plain, named, options=options)
 
 
 def load_model(path: str | os.PathLike) -> tuple[GPT, Path, dict]:

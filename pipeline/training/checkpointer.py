@@ -23,10 +23,10 @@ from pipeline.training.checkpoint import (
     read_state,
     remove_unfinished,
     resolve_checkpoint,
-    rng_state,
     save_checkpoint,
 )
 from pipeline.training.optim import Optimizers
+from pipeline.training.rng import rng_state
 from pipeline.training.state import RunState, every
 
 Check = Callable[[dict], str | None]
@@ -182,7 +182,7 @@ class Checkpointer:
         agree = self._replicas_agree(model)
         if agree is False:
             self.say("warning: model weights differ between processes")
-        if acc.is_main_process or self.fsdp:  # gathering shards is collective
+        if acc.is_main_process or self.fsdp or optimizer.sharded:  # gathering is collective
             model_state, optimizer_state = full_state(model, optimizer.raw)
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         if acc.is_main_process:

@@ -132,7 +132,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
                                 accelerator, fsdp, main_print(main))  # fmt: skip
 
     model = build_model(cfg, device, rank)
-    optimizer = build_optimizer(model, cfg.optim, device.type)
+    optimizer = build_optimizer(model, cfg.optim, device.type, world)
     check = functools.partial(continuation_problem, cfg=cfg)
     resume_from, state = checkpointer.restore(model, optimizer, loader, check)
     forward, no_sync = prepare(model, optimizer, accelerator, cfg.runtime)

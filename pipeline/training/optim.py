@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from itertools import chain
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.errors import ConfigError
@@ -77,6 +79,11 @@ class Optimizers:
         """The torch optimizers themselves (for checkpoint state dicts)."""
         return [getattr(opt, "optimizer", opt) for opt in self.optimizers]
 
+    @property
+    def sharded(self) -> bool:
+        """Whether one of them splits its state over the processes (is_sharded)."""
+        return any(is_sharded(opt) for opt in self.optimizers)
+
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
@@ -97,7 +104,9 @@ def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
     return param.dim() == 2 and name.startswith("transformer.h.")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> Optimizers:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, device_type: str, world_size: int = 1
+) -> Optimizers:
     """The run's optimizers at their peak rates (the schedule scales them each step).
 
     AdamW decays 2-D tensors only (matmul weights and embeddings), not biases or LayerNorm gains
@@ -107,6 +116,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
     weight decay muon_weight_decay, adjust_lr_fn muon_adjust_lr) and AdamW keeps the rest.
     The fused q, k, v matrix c_attn (3C, C) is orthogonalised as one matrix (see README,
     "Training cheaper", for the measurement that chose this over three (C, C) blocks).
+
+    On world_size > 1 processes (data parallel: the process group must exist) and with
+    cfg.muon_sharded (the default), Muon runs inside
+    torch.distributed.optim.ZeroRedundancyOptimizer: each matrix's Newton–Schulz update and
+    momentum buffer live on one rank (the matrices split by size, largest first), which
+    broadcasts the updated weight to the others. The weights are bit-identical to every rank
+    running Muon on every matrix, for 1/world_size of the work and of the momentum memory
+    (BENCHMARKS.md, "muon: the optimizer step split over processes"). AdamW stays replicated.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied: once
     muon = [p for n, p in named if cfg.name == "muon" and is_muon_matrix(n, p)]
@@ -125,15 +142,68 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
     )
     optimizers = [adamw]
     if muon:
-        optimizers.insert(0, torch.optim.Muon(
-            muon, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
-            momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr,
-            ns_steps=cfg.muon_ns_steps,
-        ))  # fmt: skip
+        settings = dict(lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                        momentum=cfg.muon_momentum, nesterov=True,
+                        adjust_lr_fn=cfg.muon_adjust_lr, ns_steps=cfg.muon_ns_steps)  # fmt: skip
+        if world_size > 1 and cfg.muon_sharded:
+            optimizers.insert(0, ZeroRedundancyOptimizer(
+                muon, optimizer_class=torch.optim.Muon, **settings))  # fmt: skip
+        else:
+            optimizers.insert(0, torch.optim.Muon(muon, **settings))
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
     return Optimizers(optimizers)
+
+
+def is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether each rank holds only part of this optimizer's state (ZeroRedundancyOptimizer):
+    saving it is collective (consolidate_state_dict on every rank)."""
+    return isinstance(getattr(optimizer, "optimizer", optimizer), ZeroRedundancyOptimizer)
+
+
+def sharded_named_state(model: torch.nn.Module, optimizer: ZeroRedundancyOptimizer) -> dict:
+    """A ZeroRedundancyOptimizer's whole state in the layout of
+    torch.distributed.checkpoint's get_optimizer_state_dict(full_state_dict=True): {"state":
+    {parameter name: {key: CPU tensor}}, "param_groups": [{..., "params": [names]}]}, as the
+    same optimizer unwrapped (torch.optim.Muon) writes it, so a checkpoint loads on any number
+    of processes. Call optimizer.consolidate_state_dict(to=rank) on every rank first; valid on
+    that rank only. `model` is the unwrapped model (names without wrapper prefixes)."""
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for p in chain.from_iterable(g["params"] for g in optimizer.param_groups)]
+    saved = optimizer.state_dict()  # indices: the linear order of param_groups' parameters
+    state = {order[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+             for i, s in saved["state"].items()}  # fmt: skip
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_sharded_named_state(
+    model: torch.nn.Module, optimizer: ZeroRedundancyOptimizer, named: dict
+) -> dict:
+    """Load this rank's part of a state in sharded_named_state's layout (written by any number
+    of processes) into a ZeroRedundancyOptimizer; returns what is left of `named` (the other
+    optimizers' groups and states). Raises KeyError when the state has no group with exactly
+    the parameters of one of the optimizer's groups (another model or optimizer)."""
+    names = {p: n for n, p in model.named_parameters()}
+    mine = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
+    groups, index, state = [], 0, {}
+    for params in mine:
+        found = [g for g in named["param_groups"] if set(g["params"]) == set(params)]
+        if not found:
+            raise KeyError(f"no saved optimizer group holds the Muon matrices {params[0]}, ...")
+        indices = list(range(index, index + len(params)))
+        groups.append({**found[0], "params": indices})
+        state.update({i: named["state"][n] for i, n in zip(indices, params)
+                      if n in named["state"]})  # fmt: skip
+        index += len(params)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.state.clear()  # copies of what the local optimizer (optimizer.optim) now holds
+    taken = {n for params in mine for n in params}
+    return {
+        "state": {n: s for n, s in named["state"].items() if n not in taken},
+        "param_groups": [g for g in named["param_groups"] if not taken & set(g["params"])],
+    }
 
 
 # --------------------------------------------------------------------------- continuing a run

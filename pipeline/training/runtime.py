@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 
 from pipeline.config import RuntimeConfig
 from pipeline.model import GPT
-from pipeline.training.optim import Optimizers
+from pipeline.training.optim import Optimizers, is_sharded
 
 if TYPE_CHECKING:  # evaluation and sampling import this module without needing accelerate
     from accelerate import Accelerator
@@ -156,15 +156,20 @@ def prepare(
     """Wrap a built (and, under runtime.fsdp, sharded) model and its optimizers for training:
     DDP through accelerator.prepare with several processes, or the sharded model under the
     accelerator's autocast; torch.compile per compile_enabled. Replaces optimizer.optimizers
-    with the prepared ones. Returns the training forward(x, y) and its no_sync() context
-    (gradient reduction off for the micro-steps before the last)."""
+    with the prepared ones (not a ZeroRedundancyOptimizer, which needs no wrapper). Returns the
+    training forward(x, y) and its no_sync() context (gradient reduction off for the
+    micro-steps before the last)."""
     compiled = functools.partial(torch.compile, mode=cfg.compile_mode)
     compile_model = compile_enabled(cfg, accelerator.device)
     if cfg.fsdp:
         optimizer.optimizers = [accelerator.prepare(opt) for opt in optimizer]
         forward = with_autocast(compiled(model) if compile_model else model, accelerator.autocast)
         return forward, functools.partial(fsdp_no_sync, model)
-    ddp_model, *prepared = accelerator.prepare(model, *optimizer)  # DDP with several processes
-    optimizer.optimizers = prepared
+    # DDP with several processes; a ZeroRedundancyOptimizer stays as it is (accelerate's
+    # wrapper would read its state_dict, which exists only once consolidated)
+    plain = [opt for opt in optimizer if not is_sharded(opt)]
+    ddp_model, *prepared = accelerator.prepare(model, *plain)
+    wrapped = iter(prepared)
+    optimizer.optimizers = [opt if is_sharded(opt) else next(wrapped) for opt in optimizer]
     forward = compiled(ddp_model) if compile_model else ddp_model
     return forward, functools.partial(accelerator.no_sync, ddp_model)

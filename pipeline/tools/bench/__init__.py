@@ -21,6 +21,9 @@
 - compile: graphs, graph breaks, traced operations and compile time of GPT-2 124M's compiled
   training step with the loss chunks of a 64 x 1024 GPU run, before and after they were sized
   by the device's budget (minutes on a CPU; not in the default run).
+- muon: torch.optim.Muon's step on GPT-2 124M's block matrices on one process against the same
+  step split over two (ZeroRedundancyOptimizer over gloo, one thread each): time and memory per
+  process, and whether the weights stay bit-identical (CPU processes; not in the default run).
 
 The data come from $FINEWEB_SAMPLE and $TIKTOKEN_CACHE_DIR, by default under $SHARED_DATA or
 `../shared/data` beside the repository (as in tests/conftest.py). The output file keeps one
@@ -28,8 +31,8 @@ section per device: a run of every benchmark replaces the section of its own dev
 the others; a run of some (--only) replaces only their parts of that section, each with a note
 of its date, command and load. Nothing runs at import time.
 
-One module per benchmark (prepare, loader, train, loss, memory, sample, compiling: each measures and
-renders its section) on `host` (the machine), `child` (fresh processes) and `render`
+One module per benchmark (prepare, loader, train, loss, memory, sample, compiling, muon: each
+measures and renders its section) on `host` (the machine), `child` (fresh processes) and `render`
 (BENCHMARKS.md); this one is the command line.
 """
 
@@ -57,6 +60,7 @@ from pipeline.tools.bench.host import (
 from pipeline.tools.bench.loader import LOADER_SHAPES, bench_loader, render_loader
 from pipeline.tools.bench.loss import LOSS_CASES, bench_loss, render_loss
 from pipeline.tools.bench.memory import bench_memory, render_memory
+from pipeline.tools.bench.muon import bench_muon, render_muon
 from pipeline.tools.bench.prepare import (
     bench_prepare,
     documents_source,
@@ -74,7 +78,7 @@ from pipeline.tools.bench.render import (
 from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
 from pipeline.tools.bench.train import bench_train, render_train
 
-BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile")
+BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile", "muon")
 DEFAULT = ("prepare", "loader", "train", "loss", "memory", "sample")
 """What `python -m pipeline.bench` runs without --only."""
 
@@ -198,6 +202,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     memory = bench_memory() if "memory" in benches else []
     sampled = bench_sample(*settings.sample_case) if "sample" in benches else None
     compiled = bench_compile() if "compile" in benches else []
+    muon = bench_muon() if "muon" in benches else []
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
@@ -205,6 +210,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     parts += [render_memory(memory)] if memory else []
     parts += [render_sample(sampled)] if sampled else []
     parts += [render_compile(compiled)] if compiled else []
+    parts += [render_muon(muon)] if muon else []
     return parts
 
 

@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from pipeline.tools.bench.host import REPO
@@ -37,13 +39,39 @@ def run_child(task: str, params: dict[str, Any], env: dict[str, str] | None = No
     return json.loads(lines[-1][len(RESULT_MARK) :])
 
 
+def run_ranks(
+    task: str, params: dict[str, Any], processes: int, env: dict[str, str] | None = None
+) -> list[dict]:
+    """child_main(task, params) in `processes` fresh processes started by torch.distributed.run
+    (standalone: RANK, WORLD_SIZE and the rendezvous set for each); returns each rank's dict,
+    in rank order. Raises RuntimeError with the end of their output when they fail."""
+    with tempfile.TemporaryDirectory(prefix="bench-ranks-") as tmp:
+        script = Path(tmp) / "child.py"
+        script.write_text(CHILD_CODE + "\n")
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc_per_node={processes}", "--tee=1", str(script), task, json.dumps(params)],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            capture_output=True, text=True,
+        )  # fmt: skip
+    found = {}
+    for line in proc.stdout.splitlines():  # "[default<rank>]:bench-result: {...}" with --tee
+        head, mark, body = line.partition(RESULT_MARK)
+        if mark:
+            found[int("".join(c for c in head if c.isdigit()) or 0)] = json.loads(body)
+    if proc.returncode or len(found) != processes:
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"benchmark ranks '{task}' failed (exit {proc.returncode}):\n{tail}")
+    return [found[r] for r in sorted(found)]
+
+
 def child_main(task: str, params_json: str) -> None:
-    """Entry point of a child process: run one task (prepare, train or compile) and print its
+    """Entry point of a child process: run one task (prepare, train, compile, muon) and print its
     result as one JSON line."""
     # Imported here: the task modules import run_child from this one.
-    from pipeline.tools.bench import compiling, prepare, train
+    from pipeline.tools.bench import compiling, muon, prepare, train
 
     tasks = {"prepare": prepare.prepare_child, "train": train.train_child,
-             "compile": compiling.compile_child}  # fmt: skip
+             "compile": compiling.compile_child, "muon": muon.muon_child}  # fmt: skip
     result = tasks[task](json.loads(params_json))
     print(RESULT_MARK + json.dumps(result), flush=True)

@@ -120,11 +120,17 @@ def replace_parts(section: str, parts: list[str], note: str) -> str:
 
 
 def merge_benchmarks(existing: str, key: str, section: str) -> str:
-    """The output file with `section` in place of the section keyed `key` (appended when new),
-    other device sections kept, and the no-GPU note while no GPU section exists."""
-    sections = {m["key"]: m[0] for m in SECTION.finditer(existing)}
-    sections[key] = section
-    text = HEADER + "".join("\n" + s for s in sections.values())
-    if not any(k.startswith("gpu:") for k in sections):
-        text += "\n" + NO_GPU
+    """The output file with `section` in place of the section keyed `key` (a new one after the
+    last section), everything else kept as it is (other devices' sections, and text written by
+    hand between them), and the no-GPU note at the end while no GPU section exists."""
+    text = existing.replace(NO_GPU, "").rstrip("\n") + "\n" if existing.strip() else HEADER
+    old = device_section(text, key)
+    if old is not None:
+        text = text.replace(old, section, 1)
+    else:
+        last = list(SECTION.finditer(text))
+        at = last[-1].end() if last else len(text)
+        text = text[:at].rstrip("\n") + "\n\n" + section + text[at:]
+    if not any(m["key"].startswith("gpu:") for m in SECTION.finditer(text)):
+        text = text.rstrip("\n") + "\n\n" + NO_GPU
     return text
