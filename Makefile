@@ -111,8 +111,8 @@ pull-checkpoint: $(VENV)/.installed ## Download the newest (or STEP) checkpoint 
 	$(call need,CHECKPOINT_REPO,gpt2-checkpoints)
 	$(PYTHON) -m pipeline.hub pull-checkpoint $(CHECKPOINT_REPO) $(RUN) $(if $(STEP),--step $(STEP))
 
-max-batch: $(VENV)/.installed ## Largest trainer.micro_batch_size of MODEL on this GPU (ARGS: --no-compile ...)
-	$(PYTHON) -m pipeline.plan max-batch --model $(MODEL) --gpus $(GPUS) $(ARGS)
+max-batch: $(VENV)/.installed ## Largest trainer.micro_batch_size of EXPERIMENT (or MODEL) on this GPU (ARGS: overrides)
+	$(PYTHON) -m pipeline.plan max-batch $(if $(EXPERIMENT),--experiment $(EXPERIMENT),--model $(MODEL)) --gpus $(GPUS) $(ARGS)
 
 memory: $(VENV)/.installed ## Estimated peak memory per GPU of MODEL (ARGS: --micro-batch-size 16 32 ...)
 	$(PYTHON) -m pipeline.plan memory --model $(MODEL) $(ARGS)

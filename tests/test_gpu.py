@@ -1,9 +1,10 @@
 """What only a CUDA device can show (`make test-gpu`, `pytest -m gpu`): the training step waits
 for the device once, the chunked loss equals the full logits in float32 and bf16, the compiled
 bf16 step equals the eager one, attention takes a flash or cuDNN kernel, fused AdamW and Muon
-step, the KV cache samples the same tokens; and, with two GPUs or more, DDP over NCCL and FSDP2
-follow one process. Skipped without CUDA; the CPU halves of these checks are in the default
-suite (test_host_syncs, test_model, test_distributed)."""
+step, the KV cache samples the same tokens, max-batch's probe recovers from running out of
+memory; and, with two GPUs or more, DDP over NCCL and FSDP2 follow one process and Muon split
+over the GPUs equals every GPU running it. Skipped without CUDA; the CPU halves of these checks
+are in the default suite (test_host_syncs, test_model, test_distributed, test_plan)."""
 
 from __future__ import annotations
 
@@ -160,3 +161,41 @@ def test_two_gpus_follow_one(sample_shards, tmp_path, extra):
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_muon_split_over_two_gpus_equals_every_gpu_running_it(sample_shards, tmp_path):
+    """ZeroRedundancyOptimizer's broadcasts over NCCL: the weights of optim.muon_sharded=true
+    equal, bit for bit, those of every GPU running Muon on every matrix."""
+    from helpers.runs import final_weights
+
+    for name, sharded in (("split", "true"), ("whole", "false")):
+        two_gpu_run(sample_shards, tmp_path, name, "optim=muon", "runtime.compile=false",
+                    f"optim.muon_sharded={sharded}")  # fmt: skip
+    split, whole = final_weights(tmp_path / "split"), final_weights(tmp_path / "whole")
+    assert all(torch.equal(split[k], whole[k]) for k in whole)
+
+
+PROBE_CODE = """
+import json
+from pipeline.config import compose_train
+from pipeline.tools.probe import RunProbe
+cfg = compose_train(["model=tiny", "model.n_layer=2", "model.n_embd=256", "model.n_head=4",
+                     "model.block_size=256", "runtime.compile=false"])
+probe = RunProbe.build(cfg, data_parallel=True)
+peaks = {}
+print(json.dumps({"fits": [probe.fits(8, peaks), probe.fits(1 << 16), probe.fits(8, peaks)],
+                  "peak": peaks[8]}))
+"""
+
+
+def test_the_run_probe_recovers_from_out_of_memory():
+    """max-batch's probe: a size that runs out of CUDA memory is answered False, and the same
+    model and optimizer then train a size that fits (DDP's buckets included)."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", PROBE_CODE], cwd=REPO, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["fits"] == [True, False, True] and result["peak"] > 0

@@ -7,10 +7,14 @@ import dataclasses
 import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.env import process_env
+from helpers.paths import REPO
 from helpers.proc import run_module
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -247,6 +251,17 @@ def test_search_finds_the_largest_fitting_size_in_few_calls(low, high, target):
     assert try_step.calls <= 2 * math.ceil(math.log2(high)) + 1
 
 
+@pytest.mark.parametrize("start", [1, 16, 64, 1024])
+@pytest.mark.parametrize("target", [1, 37, 64, 65, 1000])
+def test_search_from_the_estimate_finds_the_same_size(start, target):
+    budget = estimate_memory(TINY, target, 256)["total"] + 1
+    try_step = Counted(fits_budget(budget))
+    assert find_max_micro_batch(try_step, 1, 1024, start=start) == target
+    # from a start within a factor of two of the answer: a handful of tries
+    if start <= target < 2 * start:
+        assert try_step.calls <= 2 + math.ceil(math.log2(start))
+
+
 def test_search_returns_zero_when_nothing_fits_and_high_when_everything_does():
     nothing = Counted(fits_budget(estimate_memory(TINY, 1, 256)["total"] - 1))
     assert find_max_micro_batch(nothing, 1, 1024) == 0
@@ -413,3 +428,43 @@ def test_the_memory_probe_runs_the_training_step(tmp_path):
     result = training_steps(cfg, 2, 16, "fp32", False, torch.device("cpu"))
     assert result.finite and not result.stopping
     assert abs(result.loss - math.log(cfg.vocab_size)) < 0.5 and result.grad_norm > 0
+
+
+PROBE_CODE = """
+import json, sys
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from pipeline.config import compose_train
+from pipeline.tools.probe import RunProbe
+cfg = compose_train(json.loads(sys.argv[1]))
+probe = RunProbe.build(cfg, data_parallel=sys.argv[2] == "ddp")
+fits = [probe.fits(b) for b in (2, 3)]
+print(json.dumps({
+    "fits": fits,
+    "checkpointing": probe.model.activation_checkpointing,
+    "loss_impl": probe.model.loss_impl,
+    "fsdp": type(probe.model).__name__ != "GPT",
+    "ddp": isinstance(probe.wrapped, DistributedDataParallel),
+    "compiled": probe.compiled,
+    "momentum": sum(len(s) for s in probe.step.optimizer.optimizers[-1].state.values()),
+}))
+"""
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_the_run_probe_builds_the_runs_training_step(layout):
+    """max-batch's probe takes the run's settings: a tiny recipe with activation checkpointing
+    and the full loss, wrapped in DDP (its gradient buckets) or sharded with FSDP, runs real
+    optimizer steps at two sizes with the same model and optimizer (AdamW's state persists)."""
+    overrides = ["model=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+                 "model.block_size=64", "runtime.cpu=true", "runtime.compile=false",
+                 "runtime.activation_checkpointing=true", "runtime.loss_impl=full",
+                 f"runtime.fsdp={str(layout == 'fsdp').lower()}"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", PROBE_CODE, json.dumps(overrides), layout],
+                          cwd=REPO, env=process_env(), capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["fits"] == [True, True]
+    assert result["checkpointing"] is True and result["loss_impl"] == "full"
+    assert result["fsdp"] is (layout == "fsdp") and result["ddp"] is (layout == "ddp")
+    assert result["compiled"] is False and result["momentum"] > 0

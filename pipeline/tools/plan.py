@@ -2,7 +2,8 @@
 
 `python -m pipeline.plan memory ...` prints an analytic estimate of the memory per GPU,
 `python -m pipeline.plan max-batch ...` finds the largest micro-batch that trains on this GPU
-(by trying real training steps; the estimate where there is no CUDA), and
+(by trying the run's real training steps, its recipe and runtime settings: pipeline.tools.probe;
+the estimate where there is no CUDA), and
 `python -m pipeline.plan cost ...` turns a token budget and a measured throughput into hours and
 money. The estimate is `pipeline.tools.memory`, the measurement `pipeline.tools.probe`, the
 cost `pipeline.tools.cost`; this module is the command line and the advice it prints. Everything
@@ -12,10 +13,11 @@ here is importable; nothing runs at import time.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from pipeline.config import TrainerConfig
+from pipeline.config import TrainConfig, compose_train
 from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.model import PRESETS, ModelConfig
 from pipeline.tools.cost import estimate_cost, measured_tokens_per_s
@@ -29,7 +31,7 @@ from pipeline.tools.memory import (
     largest_power_of_two_fitting,
     memory_table,
 )
-from pipeline.tools.probe import cuda_step_fits, find_max_micro_batch
+from pipeline.tools.probe import RunProbe, find_max_micro_batch
 
 
 def batch_hint(micro_batch_size: int, block_size: int, num_gpus: int, tokens_per_step: int) -> str:
@@ -84,24 +86,51 @@ def run_memory(args: argparse.Namespace) -> None:
               + " | ".join(f"{gb} GB: {b or 'none'}" for gb, b in fits.items()))  # fmt: skip
 
 
-def _measure_max_batch(cfg: ModelConfig, block: int, args: argparse.Namespace) -> int:
-    """find_max_micro_batch over real training steps on the current CUDA device; prints each
-    attempt and the result."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    peaks: dict[int, int] = {}
+def max_batch_config(args: argparse.Namespace) -> TrainConfig:
+    """The run max-batch probes: conf/train.yaml with --experiment (or --model, gpt2 without
+    either), --optimizer, --precision, --block-size, --no-compile and the Hydra overrides
+    given after them (e.g. runtime.activation_checkpointing=true). Raises ConfigError."""
+    overrides = [f"experiment={args.experiment}"] if args.experiment else []
+    if args.model or not args.experiment:
+        overrides.append(f"model={args.model or 'gpt2'}")
+    overrides += [f"optim={args.optimizer}"] if args.optimizer else []
+    overrides += [f"runtime.precision={args.precision}"] if args.precision else []
+    overrides += [f"data.block_size={args.block_size}"] if args.block_size else []
+    overrides += [] if args.compile else ["runtime.compile=false"]
+    return compose_train(overrides + list(args.overrides))
+
+
+def _precision(cfg: TrainConfig) -> str:
+    """The run's precision on a GPU (auto: bf16), for the estimate."""
+    return "bf16" if cfg.runtime.precision == "auto" else cfg.runtime.precision
+
+
+def _measure_max_batch(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """find_max_micro_batch over the run's real training steps (RunProbe) on the current CUDA
+    device, from the estimate's largest power of two; prints each attempt and the result."""
+    probe = RunProbe.build(cfg, data_parallel=args.gpus > 1 and not cfg.runtime.fsdp)
+    device, block, peaks = probe.device, cfg.block_size, {}
+    total = torch.cuda.get_device_properties(device).total_memory
+    start = largest_power_of_two_fitting(cfg.model, block, total, _precision(cfg),
+                                         high=args.high, optimizer=cfg.optim.name)  # fmt: skip
+    layout = "FSDP (one shard here)" if cfg.runtime.fsdp else (
+        "DDP" if args.gpus > 1 else "one GPU")  # fmt: skip
+    print(f"probing {cfg.model.n_layer} layers x {cfg.model.n_embd} | block {block} | "
+          f"{_precision(cfg)} | {cfg.optim.name} | {layout} | activation checkpointing "
+          f"{cfg.runtime.activation_checkpointing} | loss {cfg.runtime.loss_impl} | compile "
+          f"{probe.compiled}; starting at the estimate, {start or 1}", flush=True)  # fmt: skip
 
     def try_step(b: int) -> bool:
-        fits = cuda_step_fits(cfg, b, block, args.precision, args.compile, device, peaks=peaks,
-                              optimizer=args.optimizer)  # fmt: skip
+        began = time.perf_counter()
+        fits = probe.fits(b, peaks)
         shown = f"fits, peak {peaks[b] / GIB:.2f} GiB" if fits else "out of memory"
-        print(f"micro_batch_size={b}: {shown}", flush=True)
+        print(f"micro_batch_size={b}: {shown} ({time.perf_counter() - began:.0f} s)", flush=True)
         return fits
 
-    best = find_max_micro_batch(try_step, args.low, args.high)
+    best = find_max_micro_batch(try_step, args.low, args.high, start=start or args.low)
     if best == 0:
         raise ConfigError(f"micro_batch_size={args.low} does not fit on {device}")
-    total = torch.cuda.get_device_properties(device).total_memory
-    estimate = estimate_memory(cfg, best, block, args.precision)["total"]
+    estimate = estimate_memory(cfg.model, best, block, _precision(cfg))["total"]
     print(
         f"largest micro-batch that trains on {torch.cuda.get_device_name(device)}: {best} "
         f"(measured peak {peaks[best] / GIB:.2f} of {total / GIB:.2f} GiB; "
@@ -110,14 +139,14 @@ def _measure_max_batch(cfg: ModelConfig, block: int, args: argparse.Namespace) -
     return best
 
 
-def _estimate_max_batch(cfg: ModelConfig, block: int, args: argparse.Namespace) -> int:
+def _estimate_max_batch(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """The largest power-of-two micro-batch whose estimate fits in --memory-gib; prints it."""
-    best = largest_power_of_two_fitting(
-        cfg, block, args.memory_gib * GIB, args.precision, high=args.high, optimizer=args.optimizer
-    )
+    block, precision = cfg.block_size, _precision(cfg)
+    best = largest_power_of_two_fitting(cfg.model, block, args.memory_gib * GIB, precision,
+                                        high=args.high, optimizer=cfg.optim.name)  # fmt: skip
     if best == 0:
         raise ConfigError(f"even micro_batch_size=1 exceeds {args.memory_gib} GiB")
-    estimate = estimate_memory(cfg, best, block, args.precision)["total"]
+    estimate = estimate_memory(cfg.model, best, block, precision)["total"]
     print(
         f"no CUDA measurement, estimate only: largest power-of-two micro-batch within "
         f"{args.memory_gib} GiB is {best} (estimated peak {estimate / GIB:.2f} GiB)"
@@ -126,14 +155,14 @@ def _estimate_max_batch(cfg: ModelConfig, block: int, args: argparse.Namespace) 
 
 
 def run_max_batch(args: argparse.Namespace) -> None:
-    cfg = _preset(args.model)
-    block = args.block_size or cfg.block_size
-    if torch.cuda.is_available() and not args.estimate:
-        best = _measure_max_batch(cfg, block, args)
+    cfg = max_batch_config(args)
+    if torch.cuda.is_available() and not args.estimate and not cfg.runtime.cpu:
+        best = _measure_max_batch(cfg, args)
     else:
-        best = _estimate_max_batch(cfg, block, args)
+        best = _estimate_max_batch(cfg, args)
     print(f"override: trainer.micro_batch_size={best}")
-    print(batch_hint(best, block, args.gpus, args.tokens_per_step))
+    tokens = args.tokens_per_step or cfg.trainer.tokens_per_step
+    print(batch_hint(best, cfg.block_size, args.gpus, tokens))
 
 
 def run_cost(args: argparse.Namespace) -> None:
@@ -157,11 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     memory = commands.add_parser("memory", help="estimated peak memory per GPU")
     max_batch = commands.add_parser("max-batch", help="largest micro-batch that fits")
-    for sub in (memory, max_batch):
-        sub.add_argument("--model", default="gpt2", help=f"preset: {', '.join(PRESETS)}")
-        sub.add_argument("--block-size", type=int, help="tokens per sequence (model's default)")
-        sub.add_argument("--precision", choices=sorted(PRECISION_BYTES), default="bf16")
-        sub.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
+    memory.add_argument("--model", default="gpt2", help=f"preset: {', '.join(PRESETS)}")
+    memory.add_argument("--block-size", type=int, help="tokens per sequence (model's default)")
+    memory.add_argument("--precision", choices=sorted(PRECISION_BYTES), default="bf16")
+    memory.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
+    max_batch.add_argument("--experiment", help="the run's recipe (conf/experiment/NAME.yaml)")
+    max_batch.add_argument("--model", help=f"preset (the experiment's; gpt2): {', '.join(PRESETS)}")
+    max_batch.add_argument("--block-size", type=int, help="tokens per sequence (the run's)")
+    max_batch.add_argument("--precision", choices=sorted(PRECISION_BYTES), help="(the run's)")
+    max_batch.add_argument("--optimizer", choices=["adamw", "muon"], help="(the run's)")
     memory.add_argument("--micro-batch-size", type=int, nargs="+", default=[8, 16, 32, 64])
     memory.add_argument("--world-size", type=int, default=1, help="GPUs of the job")
     memory.add_argument("--sharded", action="store_true", help="FSDP full shard over them")
@@ -174,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     max_batch.add_argument("--low", type=int, default=1, help="smallest micro-batch to try")
     max_batch.add_argument("--high", type=int, default=1024, help="largest micro-batch to try")
     max_batch.add_argument("--gpus", type=int, default=1, help="GPUs of the job, for the hint")
-    max_batch.add_argument("--tokens-per-step", type=int, default=TrainerConfig().tokens_per_step)
+    max_batch.add_argument("--tokens-per-step", type=int, help="for the hint (the run's)")
+    max_batch.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides of the run, e.g. "
+        "runtime.activation_checkpointing=true runtime.fsdp=true",
+    )
     max_batch.set_defaults(run=run_max_batch)
     cost = commands.add_parser("cost", help="wall time and cost of a token budget")
     cost.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 10e9")

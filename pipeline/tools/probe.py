@@ -1,37 +1,57 @@
 """The largest micro-batch that trains, found by trying real training steps on a CUDA device.
 
-`find_max_micro_batch` searches sizes with any fits/does-not-fit test; `cuda_step_fits` is the
-test on a GPU: it runs `training_steps` and catches CUDA out-of-memory. Memory in bytes.
-Nothing runs at import time.
+`find_max_micro_batch` searches sizes with any fits/does-not-fit test. `RunProbe` is the test
+for a run's config (`make max-batch EXPERIMENT=...`): the model, optimizer, wrappers and
+compilation built once, as pipeline.training builds them, then tried at each size.
+`cuda_step_fits` tests a bare model preset (the memory benchmark). Memory in bytes. Nothing runs
+at import time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.config import OptimConfig
+from pipeline.config import OptimConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.model import GPT, ModelConfig
 from pipeline.tools.memory import PRECISION_BYTES
+from pipeline.training.loop import build_model
 from pipeline.training.optim import build_optimizer
-from pipeline.training.runtime import autocast_for, with_autocast
+from pipeline.training.runtime import (
+    autocast_for,
+    compile_enabled,
+    fsdp_no_sync,
+    resolve_device,
+    resolve_precision,
+    with_autocast,
+)
 from pipeline.training.step import SingleProcess, StepResult, TrainStep
 
 
-def find_max_micro_batch(try_step: Callable[[int], bool], low: int = 1, high: int = 1024) -> int:
-    """The largest micro-batch size b in [low, high] with try_step(b) True, or 0 if try_step(low)
-    is False. Assumes monotonicity (if b fits, every smaller size fits): doubles from low until a
-    size fails or high is reached, then bisects between the last size that fit and the first
-    that failed: at most 2·ceil(log2(high)) + 1 calls. Raises ConfigError (a ValueError)
-    unless 1 <= low <= high."""
+def find_max_micro_batch(
+    try_step: Callable[[int], bool], low: int = 1, high: int = 1024, start: int | None = None
+) -> int:
+    """The largest micro-batch size b in [low, high] with try_step(b) True, or 0 if no size fits.
+    Assumes monotonicity (if b fits, every smaller size fits). From `start` (default low; e.g.
+    the analytic estimate, to try few sizes): halves until a size fits, doubles until one
+    fails or high is reached, then bisects between the last size that fit and the first that
+    failed: at most 2·ceil(log2(high)) + 1 calls from low, and a few from a start near the
+    answer. Raises ConfigError (a ValueError) unless 1 <= low <= high."""
     if not 1 <= low <= high:
         raise ConfigError(f"need 1 <= low <= high, got low={low}, high={high}")
-    if not try_step(low):
-        return 0
-    fits, fails = low, None
+    fits, fails = min(max(start or low, low), high), None
+    while not try_step(fits):
+        if fits == low:
+            return 0
+        fits, fails = max(low, fits // 2), fits
     while fails is None and fits < high:
         candidate = min(2 * fits, high)
         if try_step(candidate):
@@ -82,7 +102,7 @@ def cuda_step_fits(
         )
     if precision not in PRECISION_BYTES:
         raise ConfigError(f"precision={precision!r}: use one of {sorted(PRECISION_BYTES)}")
-    _release_cuda_memory(compile)
+    _release_memory(compile)
     torch.cuda.reset_peak_memory_stats(device)
     try:
         training_steps(model_cfg, micro_batch_size, block_size, precision, compile, device,
@@ -94,17 +114,19 @@ def cuda_step_fits(
         fits = False
     if fits and peaks is not None:
         peaks[micro_batch_size] = torch.cuda.max_memory_allocated(device)
-    _release_cuda_memory(compile)
+    _release_memory(compile)
     return fits
 
 
-def _release_cuda_memory(compiled: bool) -> None:
+def _release_memory(compiled: bool, cuda: bool = True) -> None:
     """Free an attempt's tensors (their frames are gone once the exception is) and compiled
-    graphs, so the next attempt starts from an empty device and compiles for its own shapes."""
+    graphs, so the next attempt starts from an empty device and compiles for its own static
+    shapes (the on-disk compile caches stay)."""
     if compiled:
         torch._dynamo.reset()
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def training_steps(
@@ -140,3 +162,84 @@ def training_steps(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result
+
+
+@dataclass
+class RunProbe:
+    """A run's training step, built once from its TrainConfig as pipeline.training builds it
+    (build_model: activation checkpointing, the loss, FSDP; build_optimizer; DDP's gradient
+    buckets when the run is data parallel; torch.compile with runtime.compile_mode; autocast
+    per runtime.precision), then tried at several micro-batch sizes (fits).
+
+    One process: under FSDP its one shard holds every parameter, gradient and optimizer state,
+    which N GPUs split N ways, so a size that fits here fits there. Each size is compiled for
+    its own static shapes, as the run compiles them; torch.compile's on-disk caches (Inductor's
+    FX graph and AOTAutograd caches) stay warm across sizes and for the run itself."""
+
+    cfg: TrainConfig
+    model: GPT
+    """The model (sharded in place under FSDP)."""
+    wrapped: torch.nn.Module
+    """What the step's forward calls: the model, or DDP around it, before torch.compile."""
+    step: TrainStep
+    device: torch.device
+    compiled: bool
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, data_parallel: bool) -> RunProbe:
+        """The probe of cfg on the current CUDA device (the CPU under runtime.cpu or without
+        CUDA: for tests, nothing runs out of memory there). data_parallel: wrap the model in
+        DistributedDataParallel (its gradient buckets), as a run on several GPUs without FSDP
+        is. Starts a one-process group when none exists (FSDP and DDP need one)."""
+        device = resolve_device(cfg.runtime.cpu)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
+        model = build_model(cfg, device)
+        optimizer = build_optimizer(model, cfg.optim, device.type)
+        wrapped, no_sync = model, contextlib.nullcontext
+        if cfg.runtime.fsdp:
+            no_sync = functools.partial(fsdp_no_sync, model)
+        elif data_parallel:
+            wrapped = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            no_sync = wrapped.no_sync
+        compiled = compile_enabled(cfg.runtime, device)
+        module = torch.compile(wrapped, mode=cfg.runtime.compile_mode) if compiled else wrapped
+        precision = resolve_precision(cfg.runtime.precision, device)
+        forward = with_autocast(module, autocast_for(precision, device))
+        step = TrainStep(model, forward, optimizer, 2, cfg.optim.grad_clip,
+                         SingleProcess(device), no_sync)  # fmt: skip
+        return cls(cfg, model, wrapped, step, device, compiled)
+
+    def fits(self, micro_batch_size: int, peaks: dict[int, int] | None = None,
+             steps: int = 2) -> bool:  # fmt: skip
+        """Whether `steps` optimizer steps of two micro-batches of micro_batch_size random
+        sequences (gradient accumulation, as a run with grad_accum_steps > 1 does) fit in the
+        device's memory. Returns False on CUDA out-of-memory, after freeing what the attempt
+        allocated; on success, peaks[micro_batch_size] (when given) is the peak memory
+        allocated, in bytes (CUDA only)."""
+        cuda = self.device.type == "cuda"
+        _release_memory(self.compiled, cuda)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        block, vocab = self.cfg.block_size, self.cfg.model.vocab_size
+
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = torch.randint(0, vocab, (micro_batch_size, block + 1), device=self.device)
+            return tokens[:, :-1], tokens[:, 1:]
+
+        try:
+            for i in range(steps):
+                self.step(i + 1, 1.0, next_batch)
+            fits = True
+        except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
+            if not _is_out_of_memory(error):
+                raise
+            fits = False
+        self.step.optimizer.zero_grad(set_to_none=True)
+        if fits and cuda and peaks is not None:
+            peaks[micro_batch_size] = torch.cuda.max_memory_allocated(self.device)
+        _release_memory(self.compiled, cuda)
+        return fits
