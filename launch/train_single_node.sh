@@ -5,16 +5,17 @@
 #   NPROC=4 bash launch/train_single_node.sh experiment=gpt2_124m_10bt trainer.micro_batch_size=32
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-[ "$NPROC" -ge 1 ] || { echo "error: no GPU found; set NPROC" >&2; exit 1; }
+NPROC=${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
+[ "$NPROC" -ge 1 ] || { echo "error: no GPU found; set NPROC" >&2; exit 2; }
 PYTHON=${PYTHON:-.venv/bin/python}
 # torchrun forwards these signals to every worker and then waits PET_SHUTDOWN_TIMEOUT seconds:
 # the trainer finishes its step, writes a checkpoint and exits (SLURM sends SIGUSR1 or SIGTERM).
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-300}
+source launch/workers.sh  # run_workers: the training processes' own exit code, signals passed on
 if [ "$NPROC" -eq 1 ]; then
-    exec "$PYTHON" -m accelerate.commands.launch --config_file launch/single_gpu.yaml \
+    run_workers "$PYTHON" -m accelerate.commands.launch --config_file launch/single_gpu.yaml \
         -m pipeline.train "$@"
 fi
-exec "$PYTHON" -m accelerate.commands.launch --config_file launch/multi_gpu.yaml \
+run_workers "$PYTHON" -m accelerate.commands.launch --config_file launch/multi_gpu.yaml \
     --num_processes "$NPROC" -m pipeline.train "$@"

@@ -18,9 +18,11 @@ Exit codes (`launch/auto_resume.sh` restarts on 75 and on crashes, stops on 0, 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 USER_ERROR = 2
@@ -145,3 +147,29 @@ def guard(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(INTERRUPTED)
 
     return guarded
+
+
+@contextlib.contextmanager
+def recorded_exit() -> Iterator[None]:
+    """Record how this process exits in $PIPELINE_EXIT_DIR/rank-$RANK (when the variable is
+    set, as launch/workers.sh sets it): the code of sys.exit, 130 for Ctrl-C, 1 for anything
+    else. torchrun reports every failed worker as exit code 1; the launch scripts read these
+    files to exit with the code that says what to do (2, 3, 75)."""
+    code = 0
+    try:
+        yield
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        raise
+    except KeyboardInterrupt:
+        code = INTERRUPTED
+        raise
+    except BaseException:
+        code = 1
+        raise
+    finally:
+        folder = os.environ.get("PIPELINE_EXIT_DIR")
+        if folder and os.path.isdir(folder):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:
+                    f.write(f"{code}\n")

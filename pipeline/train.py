@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import RENAMED, register_configs, to_dataclass
 from pipeline.config.cli import check_command_line
-from pipeline.errors import PREEMPTED, guard, raise_if
+from pipeline.errors import PREEMPTED, guard, raise_if, recorded_exit
 from pipeline.training.loop import check_run_folder, for_sweep_job, train
 from pipeline.training.wandb_run import login_problem
 
@@ -45,5 +45,6 @@ def check(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    check(sys.argv[1:])
-    main()
+    with recorded_exit():  # the launch scripts' exit code (launch/workers.sh)
+        check(sys.argv[1:])
+        main()

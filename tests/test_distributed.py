@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from helpers.paths import REPO
 from helpers.runs import final_weights, records
 from helpers.tiny import tiny_run, train_config
 
+from pipeline.errors import USER_ERROR
 from pipeline.training.checkpoint import RNG, list_checkpoints
 from pipeline.training.loop import train
 from pipeline.training.rng import set_rng_state
@@ -255,3 +258,77 @@ def test_muon_checkpoints_resume_on_two_processes(
         final = list_checkpoints(run_dir)[-1]
         assert json.loads((final / "state.json").read_text())["world_size"] == 2
     assert_same_bits(list_checkpoints(tmp_path / "two")[-1], list_checkpoints(muon_double)[-1])
+
+
+# --------------------------------------------------------------------------- several nodes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(
+    args: list[list[str]], timeout: float = 240
+) -> list[subprocess.CompletedProcess]:
+    """`launch/train_multi_node.sh` as two "nodes" of one CPU process each on 127.0.0.1 (gloo),
+    node i with the overrides args[i]; both run to their end (or the test fails at `timeout`
+    seconds: a hang)."""
+    port = str(free_port())
+    procs = []
+    for rank, node_args in enumerate(args):
+        env = {**os.environ, "MAIN_ADDR": "127.0.0.1", "MAIN_PORT": port, "NNODES": "2",
+               "NODE_RANK": str(rank), "GPUS_PER_NODE": "1", "PYTHON": sys.executable,
+               "OMP_NUM_THREADS": "1"}  # fmt: skip
+        procs.append(subprocess.Popen(["bash", "launch/train_multi_node.sh", *node_args],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def test_two_nodes_resume_and_follow_one_process(sample_shards, single, double, tmp_path):
+    """The multi-node launcher for real: two nodes resume the 2-process run from step 2 (the
+    checkpoint node 0 chooses, which node 1 reads too) and end as the one-process run."""
+    run_dir = tmp_path / "two"
+    shutil.copytree(double[0], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    args = overrides(sample_shards, tmp_path, "two")
+    nodes = launch_two_nodes([args, args])
+    assert [n.returncode for n in nodes] == [0, 0], (
+        nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
+    )
+    assert "resuming from" in nodes[0].stdout
+    assert_same_losses(records(run_dir, "train"), records(single, "train"))
+    state = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
+    assert state["world_size"] == 2 and state["replicas_agree"] is True
+
+
+def test_nodes_that_see_different_run_folders_stop_at_once_with_one_line(
+    sample_shards, double, tmp_path
+):
+    """Node-local disks: node 0's runs/ holds the run's checkpoints, node 1's is empty. Before,
+    node 0 resumed while node 1 started at step 0, and the job hung. Now both stop, exit 2,
+    and node 1 says which checkpoint it cannot read and what to do."""
+    shutil.copytree(double[0], tmp_path / "node0" / "two")
+    (tmp_path / "node1").mkdir()
+    args = [overrides(sample_shards, tmp_path / f"node{i}", "two") for i in (0, 1)]
+    started = time.monotonic()
+    nodes = launch_two_nodes(args, timeout=180)
+    assert time.monotonic() - started < 120
+    assert [n.returncode for n in nodes] == [USER_ERROR, USER_ERROR]
+    lines = [[ln for ln in n.stderr.splitlines() if ln.startswith("error: ")] for n in nodes]
+    assert len(lines[1]) == 1 and lines[1][0].startswith("error: node 1 (")
+    assert "cannot read checkpoints/step_0000004, the checkpoint the main process" in lines[1][0]
+    assert "on storage every node reads" in lines[1][0]
+    assert lines[0] == [lines[1][0]]  # node 0 stops with node 1's line
+    assert len(list_checkpoints(tmp_path / "node0" / "two")) == 2  # nothing lost or written

@@ -330,28 +330,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
-def load_newest_good(
+def newest_good(
     run_dir: str | os.PathLike,
-    model: torch.nn.Module,
-    optimizer: Optimizer,
     warn: Callable[[str], None] = print,
     check: Callable[[Path, dict], str | None] = lambda path, state: None,
-    rank: int = 0,
-) -> tuple[Path, dict] | None:
-    """Load the newest checkpoint of the run that loads cleanly; a truncated or corrupt one is
-    reported through `warn` and skipped in favour of the one before it (never loaded silently).
-    `check(folder, state.json)` may also refuse a checkpoint by returning the reason (e.g. a WSD run
-    extended from before its decay); it is reported and skipped the same way.
-    rank: this process's, whose RNG states are restored (set_rng_state).
-    Returns (folder, state.json) or None when the run has no checkpoint. Raises CheckpointError
-    when checkpoints exist but none loads or passes check."""
+) -> Path | None:
+    """The newest checkpoint of the run that can be loaded, without loading it: its state.json
+    reads, `check(folder, state.json)` passes (it may refuse one by returning the reason, e.g. a
+    WSD run extended from after its decay), its files match their sizes and checksums and load
+    safely. A truncated, corrupt or refused one is reported through `warn` and skipped in
+    favour of the one before it (never loaded silently). Returns None when the run has no
+    checkpoint. Raises UnsafeFileError for a file that would run code (no fallback: the user
+    decides), CheckpointError when checkpoints exist but none can be loaded or passes check."""
     found = list_checkpoints(run_dir)
     refused = []
     for path in reversed(found):
         try:
             reason = check(path, read_state(path))
             if reason is None:
-                return path, load_checkpoint(path, model, optimizer, rank=rank)
+                verify(path)
+                return path
             refused.append(f"{path.name}: {reason}")
             warn(f"note: not resuming from {path}: {reason}")
         except UnsafeFileError:
@@ -372,23 +370,50 @@ def load_newest_good(
     return None
 
 
+def load_newest_good(
+    run_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: Optimizer,
+    warn: Callable[[str], None] = print,
+    check: Callable[[Path, dict], str | None] = lambda path, state: None,
+    rank: int = 0,
+) -> tuple[Path, dict] | None:
+    """Load the checkpoint newest_good chooses (see there) into model and optimizer, with this
+    process's RNG states (rank, set_rng_state). Returns (folder, state.json) or None when the
+    run has no checkpoint. Raises UnsafeFileError or CheckpointError."""
+    path = newest_good(run_dir, warn, check)
+    if path is None:
+        return None
+    return path, load_checkpoint(path, model, optimizer, rank=rank, verified=True)
+
+
+def verify(path: Path) -> dict:
+    """A checkpoint folder's state.json, after checking that its files match their recorded
+    sizes and checksums and load safely (check_loads_safely). Raises CheckpointError (the file
+    and what to do), UnsafeFileError."""
+    state = read_state(path)
+    verify_checksums(path, state)
+    check_loads_safely(path)  # the whole checkpoint, also the files a loader does not read
+    return state
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
     optimizer: Optimizer | None = None,
     restore_rng: bool = True,
     rank: int = 0,
+    verified: bool = False,
 ) -> dict:
     """Load weights (and optimizer state, RNG states) from checkpoint folder `path` into the
     unwrapped model, sharded with FSDP or not (each process reads the files); returns its
     state.json. Every file is read with weights_only (load_file), after check_loads_safely has
     scanned them all. Raises UnsafeFileError for a file that would run code, CheckpointError
     for a damaged one, states that cannot be applied, or weights that do not fit the model
-    (another size), naming the first mismatch."""
+    (another size), naming the first mismatch. verified: verify(path) has passed already
+    (its checksums are not computed again)."""
     path = Path(path)
-    state = read_state(path)
-    verify_checksums(path, state)
-    check_loads_safely(path)  # the whole checkpoint, also the files this call does not read
+    state = read_state(path) if verified else verify(path)
     weights = load_file(path / MODEL)
     opt_state = load_file(path / OPTIMIZER) if optimizer is not None else None
     rng = load_file(path / RNG, allow=OLD_RNG_GLOBALS) if restore_rng else None

@@ -3,35 +3,49 @@ continues from. The folder format is pipeline.training.checkpoint's."""
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from pipeline.config import CheckpointConfig
 from pipeline.data.loader import TrainLoader
-from pipeline.errors import CheckpointError, ConfigError, raise_if
+from pipeline.errors import CheckpointError, ConfigError, PipelineError, one_line, raise_if
 from pipeline.model import GPT
 from pipeline.training.checkpoint import (
     full_state,
     list_checkpoints,
     load_checkpoint,
-    load_newest_good,
+    newest_good,
     read_state,
     remove_unfinished,
     resolve_checkpoint,
     save_checkpoint,
+    verify,
 )
 from pipeline.training.optim import Optimizers
 from pipeline.training.rng import rng_state
 from pipeline.training.state import RunState, every
 
+T = TypeVar("T")
+
 Check = Callable[[dict], str | None]
 """Why a checkpoint (its state.json) cannot continue this run, or None when it can
 (pipeline.training.optim.continuation_problem for the run's config)."""
+
+
+def where() -> str:
+    """This process, for a message read on another machine: node (torchrun's GROUP_RANK),
+    host name and global rank."""
+    return (f"node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()}, rank "
+            f"{os.environ.get('RANK', '0')})")  # fmt: skip
 
 
 @dataclass
@@ -147,31 +161,106 @@ class Checkpointer:
     def _load(
         self, model: GPT, optimizer: Optimizers, check: Callable[[Path, dict], str | None]
     ) -> tuple[Path | None, dict | None]:
-        """Load per checkpoint.resume (see restore): (folder, state.json) or (None, None)."""
+        """Load per checkpoint.resume (see restore): (folder, state.json) or (None, None).
+
+        On several processes every one loads the same checkpoint: the main process chooses it
+        in its run folder (the run's: it writes the checkpoints), every other process checks
+        that it reads the same one in its own, and only then do all load it. A process that
+        cannot read it (nodes that see different run folders) stops them all, with one line
+        naming it, instead of resuming some and starting others at step 0 (which hangs them)."""
         resume, run_dir = self.cfg.resume, self.run_dir
         if resume == "never":
-            if list_checkpoints(run_dir):
-                raise CheckpointError(
-                    f"{run_dir} already has checkpoints and checkpoint.resume=never: use "
-                    "checkpoint.resume=auto to continue it, or another trainer.run_name"
-                )
+            self._from_main(functools.partial(self._refuse_checkpoints, run_dir))
             return None, None
         if resume in ("auto", "latest"):
-            loaded = load_newest_good(run_dir, model, optimizer.raw, self.say, check,
-                                      self.accelerator.process_index)  # fmt: skip
-            if loaded is None and resume == "latest":
-                raise CheckpointError(
-                    f"checkpoint.resume=latest but {run_dir} has no complete checkpoint: check "
-                    "trainer.run_name and trainer.runs_dir, or start it with "
-                    "checkpoint.resume=auto"
-                )
-            return loaded or (None, None)
+            name = self._from_main(functools.partial(self._choose, check))
+            if name is None:
+                return None, None
+            path = run_dir / "checkpoints" / name
+            self._everywhere(functools.partial(self._readable, path))
+        else:
+            path = self._everywhere(functools.partial(self._explicit, resume, check))
+        saved = load_checkpoint(path, model, optimizer.raw, rank=self.accelerator.process_index,
+                                verified=True)  # fmt: skip
+        return path, saved
+
+    def _refuse_checkpoints(self, run_dir: Path) -> None:
+        if list_checkpoints(run_dir):
+            raise CheckpointError(
+                f"{run_dir} already has checkpoints and checkpoint.resume=never: use "
+                "checkpoint.resume=auto to continue it, or another trainer.run_name"
+            )
+
+    def _choose(self, check: Callable[[Path, dict], str | None]) -> str | None:
+        """The name of the checkpoint to continue from (newest_good), None for a new run."""
+        path = newest_good(self.run_dir, self.say, check)
+        if path is None and self.cfg.resume == "latest":
+            raise CheckpointError(
+                f"checkpoint.resume=latest but {self.run_dir} has no complete checkpoint: check "
+                "trainer.run_name and trainer.runs_dir, or start it with checkpoint.resume=auto"
+            )
+        return None if path is None else path.name
+
+    def _readable(self, path: Path) -> None:
+        """On a process other than the main one: the checkpoint the main process chose reads and
+        verifies here too."""
+        if self.accelerator.is_main_process:
+            return  # newest_good verified it
+        try:
+            verify(path)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{where()} cannot read {path.parent.name}/{path.name}, the checkpoint the main "
+                f"process resumes from ({e}): put trainer.runs_dir on storage every node reads "
+                f"(a shared file system), or copy the run folder to every node at that path"
+            ) from e
+
+    def _explicit(self, resume: str, check: Callable[[Path, dict], str | None]) -> Path:
+        """checkpoint.resume=<folder>: the folder, checked against this run and verified."""
         path = resolve_checkpoint(resume)
         reason = check(path, read_state(path))
         if reason is not None:
             raise ConfigError([f"checkpoint.resume={resume}: {reason}"])
-        return path, load_checkpoint(path, model, optimizer.raw,
-                                     rank=self.accelerator.process_index)  # fmt: skip
+        verify(path)
+        return path
+
+    def _from_main(self, fn: Callable[[], T]) -> T:
+        """fn() on the main process, its result (picklable) given to every process; an error
+        it raises is raised on every process (collective)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return fn()
+        payload, error = [None, None], None
+        if acc.is_main_process:
+            try:
+                payload = [fn(), None]
+            except PipelineError as e:
+                error, payload = e, [None, one_line(e)]
+        broadcast_object_list(payload, from_process=0)
+        if error is not None:
+            raise error
+        if payload[1] is not None:
+            raise CheckpointError(f"{payload[1]} (found by the main process)")
+        return payload[0]
+
+    def _everywhere(self, fn: Callable[[], T]) -> T:
+        """fn() on every process; an error raised on any of them is raised on all (the first
+        one's line), so that none goes on to wait in a collective for one that stopped."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return fn()
+        result, error = None, None
+        try:
+            result = fn()
+        except PipelineError as e:
+            error = e
+        failed = [line for line in gather_object([None if error is None else one_line(error)])
+                  if line is not None]  # fmt: skip
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(failed[0])
+        return result
 
     def save(
         self, state: RunState, model: GPT, optimizer: Optimizers, loader: TrainLoader
