@@ -12,10 +12,9 @@ PYTHON=${PYTHON:-.venv/bin/python}
 # the trainer finishes its step, writes a checkpoint and exits (SLURM sends SIGUSR1 or SIGTERM).
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-300}
-source launch/workers.sh  # run_workers: the training processes' own exit code, signals passed on
-if [ "$NPROC" -eq 1 ]; then
-    run_workers "$PYTHON" -m accelerate.commands.launch --config_file launch/single_gpu.yaml \
-        -m pipeline.train "$@"
+if [ "$NPROC" -eq 1 ]; then  # one process needs no launcher: its own exit code and signals
+    exec "$PYTHON" -m pipeline.train "$@"
 fi
+source launch/workers.sh  # run_workers: the training processes' own exit code, signals passed on
 run_workers "$PYTHON" -m accelerate.commands.launch --config_file launch/multi_gpu.yaml \
     --num_processes "$NPROC" -m pipeline.train "$@"

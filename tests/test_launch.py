@@ -28,7 +28,7 @@ def test_every_launch_script_parses(script):
 def test_a_launched_config_error_exits_2_not_torchruns_1():
     """accelerate's launcher exits 1 for any failed worker; the script exits with the worker's
     code, so auto_resume.sh and SLURM stop instead of restarting a config error."""
-    env = process_env(NPROC="1", PYTHON=sys.executable)
+    env = process_env(NPROC="2", PYTHON=sys.executable, OMP_NUM_THREADS="1")
     done = subprocess.run(["bash", "launch/train_single_node.sh", "trainer.max_stepz=1"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == USER_ERROR, done.stderr[-2000:]

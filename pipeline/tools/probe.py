@@ -179,11 +179,12 @@ class RunProbe:
     cfg: TrainConfig
     model: GPT
     """The model (sharded in place under FSDP)."""
-    wrapped: torch.nn.Module
-    """What the step's forward calls: the model, or DDP around it, before torch.compile."""
-    step: TrainStep
+    data_parallel: bool
     device: torch.device
     compiled: bool
+    wrapped: torch.nn.Module | None = None
+    """What the step's forward calls: the model, or DDP around it, before torch.compile."""
+    step: TrainStep | None = None
 
     @classmethod
     def build(cls, cfg: TrainConfig, data_parallel: bool) -> RunProbe:
@@ -196,22 +197,29 @@ class RunProbe:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
         model = build_model(cfg, device)
-        optimizer = build_optimizer(model, cfg.optim, device.type)
+        probe = cls(cfg, model, data_parallel and not cfg.runtime.fsdp, device,
+                    compile_enabled(cfg.runtime, device))  # fmt: skip
+        probe._wrap(build_optimizer(model, cfg.optim, device.type))
+        return probe
+
+    def _wrap(self, optimizer) -> None:
+        """The step around the model: DDP (a new one: after running out of memory in a
+        backward, the old one's gradient reduction is left half done), compile, autocast."""
+        cfg, model, device = self.cfg, self.model, self.device
         wrapped, no_sync = model, contextlib.nullcontext
         if cfg.runtime.fsdp:
             no_sync = functools.partial(fsdp_no_sync, model)
-        elif data_parallel:
+        elif self.data_parallel:
             wrapped = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
             no_sync = wrapped.no_sync
-        compiled = compile_enabled(cfg.runtime, device)
-        module = torch.compile(wrapped, mode=cfg.runtime.compile_mode) if compiled else wrapped
+        module = torch.compile(wrapped, mode=cfg.runtime.compile_mode) if self.compiled else wrapped
         precision = resolve_precision(cfg.runtime.precision, device)
         forward = with_autocast(module, autocast_for(precision, device))
-        step = TrainStep(model, forward, optimizer, 2, cfg.optim.grad_clip,
-                         SingleProcess(device), no_sync)  # fmt: skip
-        return cls(cfg, model, wrapped, step, device, compiled)
+        self.wrapped = wrapped
+        self.step = TrainStep(model, forward, optimizer, 2, cfg.optim.grad_clip,
+                              SingleProcess(device), no_sync)  # fmt: skip
 
     def fits(self, micro_batch_size: int, peaks: dict[int, int] | None = None,
              steps: int = 2) -> bool:  # fmt: skip
@@ -230,6 +238,7 @@ class RunProbe:
             tokens = torch.randint(0, vocab, (micro_batch_size, block + 1), device=self.device)
             return tokens[:, :-1], tokens[:, 1:]
 
+        optimizer = self.step.optimizer
         try:
             for i in range(steps):
                 self.step(i + 1, 1.0, next_batch)
@@ -239,6 +248,10 @@ class RunProbe:
                 raise
             fits = False
         self.step.optimizer.zero_grad(set_to_none=True)
+        if not fits:
+            self.wrapped = self.step = None  # free the old wrapper before building its successor
+            _release_memory(self.compiled, cuda)
+            self._wrap(optimizer)
         if fits and cuda and peaks is not None:
             peaks[micro_batch_size] = torch.cuda.max_memory_allocated(self.device)
         _release_memory(self.compiled, cuda)

@@ -335,13 +335,15 @@ def newest_good(
     warn: Callable[[str], None] = print,
     check: Callable[[Path, dict], str | None] = lambda path, state: None,
 ) -> Path | None:
-    """The newest checkpoint of the run that can be loaded, without loading it: its state.json
+    """The newest checkpoint of the run that verifies, without loading it: its state.json
     reads, `check(folder, state.json)` passes (it may refuse one by returning the reason, e.g. a
     WSD run extended from after its decay), its files match their sizes and checksums and load
     safely. A truncated, corrupt or refused one is reported through `warn` and skipped in
     favour of the one before it (never loaded silently). Returns None when the run has no
     checkpoint. Raises UnsafeFileError for a file that would run code (no fallback: the user
-    decides), CheckpointError when checkpoints exist but none can be loaded or passes check."""
+    decides), CheckpointError when checkpoints exist but none verifies or passes check. (A
+    checkpoint that verifies but cannot be applied, e.g. RNG states of the wrong kind, is not
+    skipped: loading it raises a CheckpointError that names it.)"""
     found = list_checkpoints(run_dir)
     refused = []
     for path in reversed(found):

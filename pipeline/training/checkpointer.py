@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from pipeline.config import CheckpointConfig
 from pipeline.data.loader import TrainLoader
-from pipeline.errors import CheckpointError, ConfigError, PipelineError, one_line, raise_if
+from pipeline.errors import CheckpointError, ConfigError, UnsafeFileError, one_line, raise_if
 from pipeline.model import GPT
 from pipeline.training.checkpoint import (
     full_state,
@@ -164,8 +164,9 @@ class Checkpointer:
         """Load per checkpoint.resume (see restore): (folder, state.json) or (None, None).
 
         On several processes every one loads the same checkpoint: the main process chooses it
-        in its run folder (the run's: it writes the checkpoints), every other process checks
-        that it reads the same one in its own, and only then do all load it. A process that
+        (in its run folder, the run's: it writes the checkpoints; or checkpoint.resume's
+        folder), every other process checks that it reads the same one, and only then do all
+        load it. A process that
         cannot read it (nodes that see different run folders) stops them all, with one line
         naming it, instead of resuming some and starting others at step 0 (which hangs them)."""
         resume, run_dir = self.cfg.resume, self.run_dir
@@ -178,8 +179,9 @@ class Checkpointer:
                 return None, None
             path = run_dir / "checkpoints" / name
             self._everywhere(functools.partial(self._readable, path))
-        else:
-            path = self._everywhere(functools.partial(self._explicit, resume, check))
+        else:  # resolved once: a run folder's newest checkpoint could differ between copies
+            path = Path(self._from_main(functools.partial(self._explicit, resume, check)))
+            self._everywhere(functools.partial(self._readable, path))
         saved = load_checkpoint(path, model, optimizer.raw, rank=self.accelerator.process_index,
                                 verified=True)  # fmt: skip
         return path, saved
@@ -208,6 +210,8 @@ class Checkpointer:
             return  # newest_good verified it
         try:
             verify(path)
+        except UnsafeFileError:
+            raise  # altered, not missing: its own message says what to do
         except CheckpointError as e:
             raise CheckpointError(
                 f"{where()} cannot read {path.parent.name}/{path.name}, the checkpoint the main "
@@ -215,14 +219,15 @@ class Checkpointer:
                 f"(a shared file system), or copy the run folder to every node at that path"
             ) from e
 
-    def _explicit(self, resume: str, check: Callable[[Path, dict], str | None]) -> Path:
-        """checkpoint.resume=<folder>: the folder, checked against this run and verified."""
+    def _explicit(self, resume: str, check: Callable[[Path, dict], str | None]) -> str:
+        """checkpoint.resume=<folder>: the folder (as text, for the broadcast), checked against
+        this run and verified."""
         path = resolve_checkpoint(resume)
         reason = check(path, read_state(path))
         if reason is not None:
             raise ConfigError([f"checkpoint.resume={resume}: {reason}"])
         verify(path)
-        return path
+        return str(path)
 
     def _from_main(self, fn: Callable[[], T]) -> T:
         """fn() on the main process, its result (picklable) given to every process; an error
@@ -234,7 +239,7 @@ class Checkpointer:
         if acc.is_main_process:
             try:
                 payload = [fn(), None]
-            except PipelineError as e:
+            except Exception as e:  # also a bug's: the others must not wait in the broadcast
                 error, payload = e, [None, one_line(e)]
         broadcast_object_list(payload, from_process=0)
         if error is not None:
@@ -252,7 +257,7 @@ class Checkpointer:
         result, error = None, None
         try:
             result = fn()
-        except PipelineError as e:
+        except Exception as e:  # also a bug's: the others must not wait in the gather
             error = e
         failed = [line for line in gather_object([None if error is None else one_line(error)])
                   if line is not None]  # fmt: skip
