@@ -139,7 +139,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n_c, V)
             dlogits.scatter_add_(1, tc[:, None], dlogits.new_full((tc.numel(), 1), -1.0))
-            dlogits.div_(n)
+            dlogits = dlogits.div_(n).to(weight.dtype)  # bf16 weights (FSDP2): bf16 matmuls
             grad_x[start : start + chunk_rows] = dlogits @ weight  # (n_c, C)
             grad_weight += dlogits.t() @ xc  # (V, C)
         ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
@@ -290,11 +290,20 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
+        self.checkpointed = False  # GPT.activation_checkpointing sets it
 
     def forward(self, x: torch.Tensor, kv: KVCache | None = None) -> torch.Tensor:
+        if self.checkpointed and self.training and kv is None:
+            # Keep only the block's input; recompute its activations in the backward. Inside
+            # forward, so a compiled block (torch.compile, per block under FSDP) contains the
+            # checkpoint and plans its recomputation, as torchtitan orders them.
+            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x, kv)
+
+    def _forward(self, x: torch.Tensor, kv: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv)  # pre-LayerNorm residual block (GPT-2 §2.3)
         x = x + self.mlp(self.ln_2(x))
-        return x
+        return x  # (B, T, C)
 
 
 class GPT(nn.Module):
@@ -319,7 +328,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.embedding_rows, bias=False)
         # Tied embeddings (GPT-2; Press & Wolf 2017): one matrix maps tokens in and logits out.
         self.lm_head.weight = self.transformer.wte.weight
-        self.activation_checkpointing = False  # runtime.activation_checkpointing sets it
         self.loss_impl: LossImpl = "chunked"  # runtime.loss_impl sets it
         self.loss_chunk_rows: int | None = None  # None: loss_chunk_rows() by the device's budget
         self.apply(self._init_weights)
@@ -336,6 +344,17 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether training recomputes each block's activations in the backward instead of
+        keeping them (runtime.activation_checkpointing): only the blocks' inputs are kept."""
+        return all(block.checkpointed for block in self.transformer.h)
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        for block in self.transformer.h:
+            block.checkpointed = on
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counting the tied embedding once. With non_embedding=True the position
@@ -386,11 +405,7 @@ class GPT(nn.Module):
             self.transformer.wte(idx) + self.transformer.wpe(pos)
         )  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            if self.activation_checkpointing and self.training and cache is None:
-                # Keep only the block's input; recompute its activations in the backward.
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, cache[i] if cache else None)  # (B, T, C)
+            x = block(x, cache[i] if cache else None)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x if all_logits else x[:, [-1], :]), None  # (B, T or 1, V)

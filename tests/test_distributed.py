@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.paths import REPO
+from helpers.proc import run_module
 from helpers.runs import final_weights, records
 from helpers.tiny import tiny_run, train_config
 
@@ -137,6 +138,58 @@ def test_fsdp_checkpoint_resumes_on_one_process(sample_shards, single, sharded, 
     shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
     train(train_config(overrides(sample_shards, tmp_path, "fsdp")))
     assert_same_losses(records(run_dir, "train"), records(single, "train"))
+
+
+def test_fsdp_in_bf16_compiled_per_block_follows_the_one_process_run(
+    sample_shards, single, tmp_path
+):
+    """FSDP2 as torchtitan applies it: each block checkpointed, compiled (Inductor on the CPU),
+    then sharded with MixedPrecisionPolicy(bf16 parameters, fp32 reduction), no autocast. The
+    losses follow the float32 one-process run within bf16's rounding; the checkpoint holds the
+    float32 shards gathered into whole tensors, which resume on one process."""
+    args = overrides(sample_shards, tmp_path, "bf16")
+    out = launch_two_processes(args + [
+        "runtime.fsdp=true", "runtime.precision=bf16", "runtime.compile=true",
+        "runtime.activation_checkpointing=true",
+    ])  # fmt: skip
+    assert "precision bf16 | compile True" in out and "FSDP full shard" in out
+    run_dir = tmp_path / "bf16"
+    two, one = records(run_dir, "train"), records(single, "train")
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for x, y in zip(two, one):  # bf16 rounds to 3 significant digits
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-2), (x, y)
+    weights = final_weights(run_dir)
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    resumed = run_module("train", *args, "runtime.precision=bf16")  # autocast, one process
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4]
+
+
+def test_fsdp_gathers_bf16_and_keeps_float32_shards():
+    """In one process: during a block's forward its parameters are the gathered bf16 copies;
+    outside it they are float32 shards, and so are the gradients the optimizer reads."""
+    from torch import distributed as dist
+
+    from pipeline.model import GPT, ModelConfig
+    from pipeline.training.runtime import shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64,
+                            padded_vocab_size=64))  # fmt: skip
+    shard(model, "bf16")
+    seen = []
+    model.transformer.h[1].attn.c_attn.register_forward_hook(
+        lambda linear, args, out: seen.append((linear.weight.dtype, out.dtype))
+    )
+    tokens = torch.randint(0, 64, (2, 17))
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and loss.dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_each_rank_keeps_its_own_random_stream(double):

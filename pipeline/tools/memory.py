@@ -77,10 +77,21 @@ def estimate_memory(
       cross-entropy keeps (`logits.float()` is a no-op in fp32); and, at the peak in
       log-softmax's backward, two float32 (B, T, V) gradients.
 
-    sharded=True (FSDP full shard, ZeRO stage 3) divides parameters, gradients, optimizer states
-    and the autocast copies (FSDP keeps a bf16 copy of its own shard) by world_size; activations
-    and logits are per GPU either way. The total is the peak of a micro-step after the first of
-    a gradient accumulation, when gradients are held and activations are all saved.
+    sharded=True (FSDP2 full shard, ZeRO stage 3, as pipeline.training.runtime.shard applies
+    it) divides parameters, gradients and optimizer states by world_size: the gradients are
+    reduce-scattered at every micro-step, so only their float32 shards persist across a
+    gradient accumulation. It has no autocast copies (the MixedPrecisionPolicy all-gathers bf16
+    copies and computes on them) but adds
+    - gathered: p·(R + 2·K), p = 2 bytes (bf16) or 4 (fp32): the all-gathered units. The
+      root unit R (embeddings and final LayerNorm: V·h + block_size·h + ln_f) stays gathered
+      from the forward to the end of the backward (FSDP2 does not reshard the root after the
+      forward); of the blocks (K parameters each) the one computing and the one prefetched.
+      The backward's unsharded gradients of one unit at a time, before their reduce-scatter,
+      are smaller than the activations freed by then and are not counted.
+    Activations and logits are per GPU either way. The total is the peak of a micro-step after
+    the first of a gradient accumulation, when gradients are held and activations are all
+    saved; `python -m pipeline.bench --only fsdp-memory` measures it against a real FSDP2 step
+    (BENCHMARKS.md).
     Raises ConfigError (a ValueError) for an unknown precision, optimizer or loss_impl, or
     sizes out of range.
     """
@@ -103,11 +114,15 @@ def estimate_memory(
     else:
         rows = min(loss_chunk_rows(v, b * s, device_type), b * s)
         logits = 8 * b * s * h + 8 * v * h + rows * v * (4 if act == 4 else 8)
+    layer_norm = 2 * h if model.bias else h
+    root = v * h + model.block_size * h + layer_norm
+    block = (n - root) // model.n_layer
     out = {
         "parameters": -(-4 * n // shards),
         "gradients": -(-4 * n // shards),
         "optimizer": -(-optimizer_bytes // shards),
-        "autocast_weights": -(-2 * matmul_weights // shards) if precision == "bf16" else 0,
+        "autocast_weights": 2 * matmul_weights if precision == "bf16" and not sharded else 0,
+        "gathered": act * (root + 2 * block) if sharded else 0,
         "activations": scale * (34 * model.n_layer + 4) * s * b * h,
         "logits": logits,
     }

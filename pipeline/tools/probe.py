@@ -10,7 +10,6 @@ at import time.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from pipeline.training.optim import build_optimizer
 from pipeline.training.runtime import (
     autocast_for,
     compile_enabled,
-    fsdp_no_sync,
     resolve_device,
     resolve_precision,
     with_autocast,
@@ -204,19 +202,21 @@ class RunProbe:
 
     def _wrap(self, optimizer) -> None:
         """The step around the model: DDP (a new one: after running out of memory in a
-        backward, the old one's gradient reduction is left half done), compile, autocast."""
+        backward, the old one's gradient reduction is left half done), compile, autocast;
+        under FSDP the sharded model as it is."""
         cfg, model, device = self.cfg, self.model, self.device
-        wrapped, no_sync = model, contextlib.nullcontext
-        if cfg.runtime.fsdp:
-            no_sync = functools.partial(fsdp_no_sync, model)
-        elif self.data_parallel:
-            wrapped = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-            no_sync = wrapped.no_sync
-        module = torch.compile(wrapped, mode=cfg.runtime.compile_mode) if self.compiled else wrapped
-        precision = resolve_precision(cfg.runtime.precision, device)
-        forward = with_autocast(module, autocast_for(precision, device))
+        wrapped, no_sync, forward = model, contextlib.nullcontext, model
+        if not cfg.runtime.fsdp:  # FSDP: compiled per block and bf16 by build_model's shard()
+            if self.data_parallel:
+                wrapped = DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None
+                )
+                no_sync = wrapped.no_sync
+            if self.compiled:
+                forward = torch.compile(wrapped, mode=cfg.runtime.compile_mode)
+            precision = resolve_precision(cfg.runtime.precision, device)
+            forward = with_autocast(forward if self.compiled else wrapped,
+                                    autocast_for(precision, device))  # fmt: skip
         self.wrapped = wrapped
         self.step = TrainStep(model, forward, optimizer, 2, cfg.optim.grad_clip,
                               SingleProcess(device), no_sync)  # fmt: skip

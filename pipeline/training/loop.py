@@ -29,7 +29,13 @@ from pipeline.training.faults import StopSignal
 from pipeline.training.optim import build_optimizer, continuation_problem, lr_at
 from pipeline.training.profiling import PROFILE_DIR, StepProfiler
 from pipeline.training.reporter import Reporter, main_print
-from pipeline.training.runtime import compile_enabled, make_accelerator, prepare, shard
+from pipeline.training.runtime import (
+    compile_enabled,
+    make_accelerator,
+    prepare,
+    resolve_precision,
+    shard,
+)
 from pipeline.training.state import RunState, every
 from pipeline.training.step import StepResult, TrainStep
 from pipeline.training.throughput import Throughput, peak_flops
@@ -91,15 +97,18 @@ class Run:
 def build_model(cfg: TrainConfig, device: torch.device, rank: int = 0) -> GPT:
     """The run's GPT on device, initialised from trainer.seed (the same weights on every
     process), with the runtime's activation checkpointing and loss, sharded in place under
-    runtime.fsdp. Afterwards torch draws from trainer.seed + rank: each process its own
+    runtime.fsdp (each block compiled first, per compile_enabled, as torchtitan orders
+    them). Afterwards torch draws from trainer.seed + rank: each process its own
     dropout (the data order has a seeded generator of its own, the same on every process)."""
     torch.manual_seed(cfg.trainer.seed)
     model = GPT(cfg.model).to(device)
     torch.manual_seed(cfg.trainer.seed + rank)
     model.activation_checkpointing = cfg.runtime.activation_checkpointing
     model.loss_impl = cfg.runtime.loss_impl
-    if cfg.runtime.fsdp:
-        shard(model)  # before the optimizer, which must hold the sharded parameters
+    if cfg.runtime.fsdp:  # before the optimizer, which must hold the sharded parameters
+        compiled = compile_enabled(cfg.runtime, device)
+        shard(model, resolve_precision(cfg.runtime.precision, device),
+              cfg.runtime.compile_mode if compiled else None)  # fmt: skip
     return model
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from pipeline.config import RuntimeConfig
 from pipeline.model import GPT
@@ -113,23 +113,26 @@ def make_accelerator(cfg: RuntimeConfig) -> Accelerator:
                        kwargs_handlers=[timeout])  # fmt: skip
 
 
-def shard(model: GPT) -> None:
-    """FSDP2 full shard: parameters, gradients and optimizer states split over the processes.
-    Each block is one unit, gathered only for its own forward and backward; the root unit holds
-    the embeddings (tied with the output layer) and the final LayerNorm."""
+def shard(model: GPT, precision: str, compile_mode: str | None = None) -> None:
+    """FSDP2 full shard as torchtitan applies it: parameters, gradients and optimizer states
+    split over the processes. Per block, in torchtitan's order: activation checkpointing (the
+    block's own, GPT.activation_checkpointing, set before), torch.compile of the block
+    (compile_mode; None: eager), then `fully_shard(block)`, so each block is one unit gathered
+    only for its own forward and backward; then the root unit, which holds the embeddings
+    (tied with the output layer) and the final LayerNorm, and stays eager.
+
+    precision "bf16": MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32), as
+    torchtitan's default: each unit is all-gathered in bf16 (half the bytes of fp32) and
+    computes in bf16 without autocast; gradients are reduce-scattered in float32 into the
+    float32 shards, which the optimizer updates. "fp32": everything in float32."""
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
-
-
-@contextlib.contextmanager
-def fsdp_no_sync(model: torch.nn.Module):
-    """Accumulate gradients locally, without the reduce-scatter (FSDP2's no_sync)."""
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
+        if compile_mode is not None:
+            block.compile(mode=compile_mode, fullgraph=True)  # in place: same parameter names
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def with_autocast(
@@ -153,23 +156,26 @@ def compile_enabled(cfg: RuntimeConfig, device: torch.device) -> bool:
 def prepare(
     model: GPT, optimizer: Optimizers, accelerator: Accelerator, cfg: RuntimeConfig
 ) -> tuple[Callable, Callable[[], contextlib.AbstractContextManager]]:
-    """Wrap a built (and, under runtime.fsdp, sharded) model and its optimizers for training:
-    DDP through accelerator.prepare with several processes, or the sharded model under the
-    accelerator's autocast; torch.compile per compile_enabled. Replaces optimizer.optimizers
-    with the prepared ones (not a ZeroRedundancyOptimizer, which needs no wrapper). Returns the
-    training forward(x, y) and its no_sync() context (gradient reduction off for the
-    micro-steps before the last)."""
-    compiled = functools.partial(torch.compile, mode=cfg.compile_mode)
-    compile_model = compile_enabled(cfg, accelerator.device)
+    """Wrap a built (and, under runtime.fsdp, sharded) model and its optimizers for training.
+    Returns the training forward(x, y) and its no_sync() context (gradient reduction off for
+    the micro-steps before the last). Replaces optimizer.optimizers with the prepared ones (not
+    a ZeroRedundancyOptimizer, which needs no wrapper).
+
+    Data parallel: DDP through accelerator.prepare with several processes, under the
+    accelerator's autocast, the whole model compiled per compile_enabled. FSDP: the model as
+    shard() left it (compiled per block, bf16 by its MixedPrecisionPolicy, no autocast), and
+    no no_sync: gradients are reduce-scattered at every micro-step, so no process holds
+    unsharded gradients across a gradient accumulation (torchtitan's default; the sharded
+    float32 gradients accumulate)."""
     if cfg.fsdp:
         optimizer.optimizers = [accelerator.prepare(opt) for opt in optimizer]
-        forward = with_autocast(compiled(model) if compile_model else model, accelerator.autocast)
-        return forward, functools.partial(fsdp_no_sync, model)
+        return model, contextlib.nullcontext
     # DDP with several processes; a ZeroRedundancyOptimizer stays as it is (accelerate's
     # wrapper would read its state_dict, which exists only once consolidated)
     plain = [opt for opt in optimizer if not is_sharded(opt)]
     ddp_model, *prepared = accelerator.prepare(model, *plain)
     wrapped = iter(prepared)
     optimizer.optimizers = [opt if is_sharded(opt) else next(wrapped) for opt in optimizer]
-    forward = compiled(ddp_model) if compile_model else ddp_model
+    compile_model = compile_enabled(cfg, accelerator.device)
+    forward = torch.compile(ddp_model, mode=cfg.compile_mode) if compile_model else ddp_model
     return forward, functools.partial(accelerator.no_sync, ddp_model)

@@ -3,6 +3,7 @@ and a sample from a fixed prompt, every eval.interval steps and at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ class Validator:
     max_steps: int
     accelerator: Accelerator
     fsdp: bool
-    """The model is sharded: every process takes part in generating the sample."""
+    """The model is sharded: every process takes part in generating the sample, and the
+    sharding's mixed-precision policy sets the compute dtype (no autocast)."""
 
     @classmethod
     def load(
@@ -81,14 +83,15 @@ class Validator:
         every process must call it. Returns the loss."""
         acc, step = self.accelerator, state.step
         reduce = functools.partial(acc.reduce, reduction="sum")
+        autocast = contextlib.nullcontext if self.fsdp else acc.autocast
         loss, _ = estimate_loss(model, self.windows, self.micro_batch_size, acc.device,
-                                acc.process_index, acc.num_processes, autocast=acc.autocast,
+                                acc.process_index, acc.num_processes, autocast=autocast,
                                 reduce=reduce)  # fmt: skip
         state.record_val(loss)
         reporter.val_step(step, self.max_steps, loss, state.tokens_seen)
         if self.hellaswag:
             result = evaluate_hellaswag(
-                model, self.hellaswag, acc.device, self.micro_batch_size, acc.autocast,
+                model, self.hellaswag, acc.device, self.micro_batch_size, autocast,
                 acc.process_index, acc.num_processes, reduce=reduce,
             )  # fmt: skip
             text = (f"step {step} | HellaSwag acc {result['acc']:.4f} | acc_norm "

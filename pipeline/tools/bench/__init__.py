@@ -24,6 +24,9 @@
 - muon: torch.optim.Muon's step on GPT-2 124M's block matrices on one process against the same
   step split over two (ZeroRedundancyOptimizer over gloo, one thread each): time and memory per
   process, and whether the weights stay bit-identical (CPU processes; not in the default run).
+- fsdp-memory: the peak memory of one of two processes running FSDP2 training steps (gloo, CPU),
+  measured with torch's FSDPMemTracker, against the analytic estimate, for GPT-2 124M (fp32 and
+  bf16) and 350M (minutes; not in the default run).
 
 The data come from $FINEWEB_SAMPLE and $TIKTOKEN_CACHE_DIR, by default under $SHARED_DATA or
 `../shared/data` beside the repository (as in tests/conftest.py). The output file keeps one
@@ -31,9 +34,9 @@ section per device: a run of every benchmark replaces the section of its own dev
 the others; a run of some (--only) replaces only their parts of that section, each with a note
 of its date, command and load. Nothing runs at import time.
 
-One module per benchmark (prepare, loader, train, loss, memory, sample, compiling, muon: each
-measures and renders its section) on `host` (the machine), `child` (fresh processes) and `render`
-(BENCHMARKS.md); this one is the command line.
+One module per benchmark (prepare, loader, train, loss, memory, sample, compiling, muon,
+fsdp_memory: each measures and renders its section) on `host` (the machine), `child` (fresh
+processes) and `render` (BENCHMARKS.md); this one is the command line.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.files import write_text_atomic
 from pipeline.model import PRESETS
 from pipeline.tools.bench.compiling import bench_compile, render_compile
+from pipeline.tools.bench.fsdp_memory import bench_fsdp_memory, render_fsdp_memory
 from pipeline.tools.bench.host import (
     describe_device,
     fineweb_sample,
@@ -78,7 +82,8 @@ from pipeline.tools.bench.render import (
 from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
 from pipeline.tools.bench.train import bench_train, render_train
 
-BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile", "muon")
+BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile", "muon",
+           "fsdp-memory")  # fmt: skip
 DEFAULT = ("prepare", "loader", "train", "loss", "memory", "sample")
 """What `python -m pipeline.bench` runs without --only."""
 
@@ -203,6 +208,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     sampled = bench_sample(*settings.sample_case) if "sample" in benches else None
     compiled = bench_compile() if "compile" in benches else []
     muon = bench_muon() if "muon" in benches else []
+    fsdp_memory = bench_fsdp_memory() if "fsdp-memory" in benches else []
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
@@ -211,6 +217,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     parts += [render_sample(sampled)] if sampled else []
     parts += [render_compile(compiled)] if compiled else []
     parts += [render_muon(muon)] if muon else []
+    parts += [render_fsdp_memory(fsdp_memory)] if fsdp_memory else []
     return parts
 
 
