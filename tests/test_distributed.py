@@ -21,6 +21,7 @@ from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import USER_ERROR
 from pipeline.training.checkpoint import RNG, list_checkpoints
+from pipeline.training.checkpoint_tensors import saved_state
 from pipeline.training.loop import train
 from pipeline.training.rng import set_rng_state
 
@@ -235,7 +236,18 @@ def muon_double(sample_shards, tmp_path_factory) -> Path:
 
 
 def optimizer_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    """A checkpoint's optimizer state as saved: {"state": {name: {key: tensor}},
+    "param_groups": [...]}."""
+    state, groups = {}, {}
+    for key, value in saved_state(checkpoint, "optimizer.").items():
+        kind, _, rest = key.removeprefix("optimizer.").partition(".")
+        if kind == "state":
+            name, _, entry = rest.rpartition(".")
+            state.setdefault(name, {})[entry] = value
+        else:  # param_groups.<index>.<key>
+            index, _, entry = rest.partition(".")
+            groups.setdefault(int(index), {})[entry] = value
+    return {"state": state, "param_groups": [groups[i] for i in sorted(groups)]}
 
 
 def same_bits(a, b) -> bool:
@@ -252,8 +264,7 @@ def same_bits(a, b) -> bool:
 
 def assert_same_bits(a: Path, b: Path) -> None:
     """Two checkpoints hold the same weights and optimizer states, bit for bit."""
-    for name in ("model.pt", "optimizer.pt"):
-        assert same_bits(*(torch.load(c / name, weights_only=True) for c in (a, b))), (a, name)
+    assert same_bits(saved_state(a), saved_state(b)), a
 
 
 def test_muon_split_over_two_processes_equals_every_rank_running_it(

@@ -62,7 +62,7 @@ def reference(sample_shards, tmp_path_factory) -> Path:
         "backward:3",  # gradients computed, optimizer not stepped
         # weights updated, step 4 neither logged nor saved: resumes as backward:3 does
         pytest.param("optimizer:4", marks=pytest.mark.slow),
-        "checkpoint:4",  # model.pt of checkpoint 4 written, the rest not
+        "checkpoint:4",  # the tensors of checkpoint 4 written, not rng.pt and state.json
         # the last step done, its checkpoint not written: optimizer:4's kill point again
         pytest.param("optimizer:6", marks=pytest.mark.slow),
     ],
@@ -73,7 +73,7 @@ def test_killed_run_resumes_to_the_same_weights(sample_shards, reference, tmp_pa
     killed = subprocess.run(command(args), cwd=REPO, env=env, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     if fault == "checkpoint:4":
-        assert (tmp_path / "run" / "checkpoints" / ".step_0000004.tmp" / "model.pt").is_file()
+        assert (tmp_path / "run" / "checkpoints" / ".step_0000004.tmp" / ".metadata").is_file()
     subprocess.run(command(args), cwd=REPO, check=True, capture_output=True)
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
     assert_identical(tmp_path / "run", reference)
@@ -106,10 +106,10 @@ def test_corrupt_newest_checkpoint_is_skipped_for_the_previous(sample_shards, re
     shutil.copytree(reference, tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
     shutil.rmtree(checkpoints / "step_0000006")
-    model = checkpoints / "step_0000004" / "model.pt"
-    data = bytearray(model.read_bytes())
+    tensors = checkpoints / "step_0000004" / "__0_0.distcp"
+    data = bytearray(tensors.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum sees it
-    model.write_bytes(bytes(data))
+    tensors.write_bytes(bytes(data))
     summary = train(train_config(overrides(sample_shards, tmp_path)))
     assert summary["steps"] == 6
     assert_identical(tmp_path / "run", reference)
@@ -119,7 +119,7 @@ def test_truncated_checkpoint_is_reported_and_skipped(sample_shards, reference, 
     shutil.copytree(reference, tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
     shutil.rmtree(checkpoints / "step_0000006")
-    with open(checkpoints / "step_0000004" / "optimizer.pt", "r+b") as f:
+    with open(checkpoints / "step_0000004" / "__0_0.distcp", "r+b") as f:
         f.truncate(100)
     train(train_config(overrides(sample_shards, tmp_path)))
     assert "skipping checkpoint" in capsys.readouterr().out

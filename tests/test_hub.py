@@ -28,7 +28,7 @@ from pipeline.errors import USER_ERROR, HubError, ShardError, guard
 from pipeline.hub import main as hub_main
 from pipeline.interop import hub
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint import full_state, list_checkpoints, read_state, save_checkpoint
+from pipeline.training.checkpoint import list_checkpoints, read_state, save_checkpoint
 
 RUN = "tiny_run"
 
@@ -60,8 +60,8 @@ def runs_dir(tmp_path: Path) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = {"tokens_seen": 0, "config": {"trainer": {"run_name": RUN}}}
     for step in (3, 7):
-        weights, optimizer_state = full_state(model, optimizer)
-        save_checkpoint(tmp_path / "runs" / RUN, step, weights, optimizer_state, state, 2)
+        _, written = save_checkpoint(tmp_path / "runs" / RUN, step, model, optimizer, state, 2)
+        written.result()
     return tmp_path / "runs"
 
 
@@ -266,7 +266,7 @@ def test_checkpoint_paths_map_both_ways(runs_dir: Path, tmp_path: Path) -> None:
 def test_checkpoint_files_are_those_saved_state_last(runs_dir: Path) -> None:
     newest = list_checkpoints(runs_dir / RUN)[-1]
     files = hub.checkpoint_files(read_state(newest))
-    assert files == ["model.pt", "optimizer.pt", "rng.pt", "state.json"]
+    assert files == [".metadata", "__0_0.distcp", "rng.pt", "state.json"]
     assert sorted(files) == sorted(p.name for p in newest.iterdir())
 
 
@@ -284,12 +284,12 @@ def test_pulled_checkpoint_is_installed_where_resume_finds_it(
 
     with pytest.raises(HubError, match="state.json says step 7, expected 8"):
         hub.install_checkpoint(staged, hub.local_checkpoint_path(fresh, RUN, 8), 8)
-    (staged / "optimizer.pt").write_bytes(b"")
+    (staged / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(HubError, match="downloaded checkpoint is incomplete"):
         hub.install_checkpoint(staged, final, 7)
     assert not final.exists()
 
-    shutil.copy(source / "optimizer.pt", staged / "optimizer.pt")
+    shutil.copy(source / "__0_0.distcp", staged / "__0_0.distcp")
     hub.install_checkpoint(staged, final, 7)
     assert list_checkpoints(fresh / RUN) == [final]
     assert read_state(final)["step"] == 7
@@ -306,9 +306,9 @@ def test_choose_step() -> None:
 
 def test_push_refuses_incomplete_checkpoint(runs_dir: Path, no_token) -> None:
     newest = list_checkpoints(runs_dir / RUN)[-1]
-    model = newest / "model.pt"
-    model.write_bytes(model.read_bytes()[:100])
-    with pytest.raises(HubError, match="not pushing.*model.pt is missing or truncated"):
+    tensors = newest / "__0_0.distcp"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    with pytest.raises(HubError, match="not pushing.*__0_0.distcp is missing or truncated"):
         hub.push_checkpoint(newest, "user/ckpts")
     (newest / "state.json").unlink()
     with pytest.raises(HubError, match="not a complete checkpoint"):

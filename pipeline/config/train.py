@@ -229,6 +229,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """`auto` (newest complete checkpoint of the run, if any), `latest` (the newest, which must
     exist), `never` (fail if the run has checkpoints), or the path of a checkpoint folder."""
+    async_save: bool = True
+    """Write checkpoints in the background: training waits only while the states are copied
+    to host memory (torch.distributed.checkpoint.async_save), and a save in flight completes
+    before the run ends or stops; false waits for every file."""
 
     def problems(self) -> list[str]:
         out = []

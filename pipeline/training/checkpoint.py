@@ -1,57 +1,76 @@
 """Checkpoints: the whole "where am I" of a run, written atomically, found and rotated.
 
 A checkpoint is a folder `<run_dir>/checkpoints/step_NNNNNNN/` (N = optimizer steps done):
-  model.pt       full model state_dict (unsharded, no `module.` / `_orig_mod.` prefixes)
-  optimizer.pt   full optimizer state (AdamW, or Muon and AdamW), keyed by parameter name
-                 (loads sharded or not, also Muon split over ranks by ZeroRedundancyOptimizer)
-  rng.pt         python, numpy, torch CPU and CUDA generator states, as tensors and numbers
-  state.json     step, tokens seen, loader position, W&B run id, resolved config, the data
-                 (absolute shard folder, manifest fingerprint), and the size and sha256 of
-                 every file above (both checked before loading)
-It is written under `.step_NNNNNNN.tmp`, every file fsynced, then renamed: a folder named
-`step_*` is complete. Only the main process writes (the state is replicated under DDP).
+  __<rank>_<n>.distcp  the model's and optimizers' tensors, each process its own part, and
+  .metadata            their index, through torch.distributed.checkpoint (DCP; see
+                       pipeline.training.checkpoint_tensors): every process writes in parallel
+                       and reads back only what it holds, on any number of processes
+  rng.pt               python, numpy, torch CPU and CUDA generator states of every process, as
+                       tensors and numbers
+  state.json           "format": 2, step, tokens seen, loader position, W&B run id, resolved
+                       config, the data (absolute shard folder, manifest fingerprint), and the
+                       size and sha256 of every file above (both checked before loading)
+Every process writes its tensors under `.step_NNNNNNN.tmp` (asynchronously: training goes on
+while they are written); once all are written the main process adds rng.pt and state.json,
+fsyncs every file and renames the folder: a folder named `step_*` is complete. Checkpoints of
+format 1 (the whole model in model.pt and the optimizers' state in optimizer.pt, written by the
+main process) still load.
 Rotation keeps the newest `keep_last`, the best-validation checkpoint and, for a WSD run, the
 newest taken before its decay (`extendable` in state.json), from which the run can be extended;
 resuming skips, with a warning, a checkpoint whose files are truncated or unreadable and takes
 the one before.
 
-Every file is read with `torch.load(weights_only=True)` (load_file): unpickling can build
-tensors, numbers, strings and containers and call nothing else, so a checkpoint from elsewhere
-(a hub repo, a colleague) cannot run code. A file that needs more is refused (UnsafeFileError,
-exit 2), and resuming stops there instead of falling back to an older checkpoint.
+Every file is read weights-only (load_file; DCP's index and values through
+checkpoint_tensors.SafeReader and SafePlanner): unpickling can build tensors, numbers, strings
+and containers and call nothing else, so a checkpoint from elsewhere (a hub repo, a colleague)
+cannot run code. A file that needs more is refused (UnsafeFileError, exit 2), and resuming
+stops there instead of falling back to an older checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule
 
-from pipeline.errors import CheckpointError, UnsafeFileError
-from pipeline.files import atomic_dir, is_plain_name, sha256_file, write_failed
+from pipeline.errors import CheckpointError, PipelineError, UnsafeFileError
+from pipeline.files import fsync_dir, fsync_tree, is_plain_name, sha256_file, write_failed
 from pipeline.model import GPT, ModelConfig
+from pipeline.training.checkpoint_tensors import (
+    METADATA,
+    TENSOR_FILE_SUFFIX,
+    TensorSaver,
+    load_tensor_state,
+    read_metadata_safely,
+    saved_state,
+    tensor_files,
+    tensor_state,
+    when_done,
+)
 from pipeline.training.faults import inject
-from pipeline.training.optim import is_sharded, load_sharded_named_state, sharded_named_state
+from pipeline.training.optim import is_sharded, load_sharded_named_state
 from pipeline.training.rng import OLD_RNG_GLOBALS, rng_state, set_rng_state
+from pipeline.training.safe_load import RNG, UNSAFE_THEN, global_names, load_file, refused_file
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 STATE = "state.json"
-MODEL, OPTIMIZER, RNG = "model.pt", "optimizer.pt", "rng.pt"
+MODEL, OPTIMIZER = "model.pt", "optimizer.pt"
+"""The whole model's and optimizers' states of a format-1 checkpoint."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -67,81 +86,30 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-UNSAFE_THEN = (
-    "delete {folder} (a resumed run then continues from the checkpoint before it) or "
-    "get the checkpoint from a source you trust"
-)
-"""What to do about a refused file of checkpoint `folder`."""
-
-
-def _refused(path: Path, error: Exception, then: str = UNSAFE_THEN) -> UnsafeFileError:
-    """The one-line refusal of a file that torch.load(weights_only=True) would not load, saying
-    why: what unpickling it would call (torch's static scan of its pickle), or why it cannot be
-    checked; `error`: the loader's own error. `then`: what to do ({folder}: the file's folder)."""
-    try:
-        calls = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        calls -= _names(OLD_RNG_GLOBALS) if path.name == RNG else set()
-    except ValueError:  # "Expected input to be a checkpoint returned by torch.save"
-        why = "it is not a file of torch.save, whose contents can be checked before loading"
-    except Exception as e:  # noqa: BLE001 - e.g. a pickle opcode that torch.save never writes
-        why = f"torch cannot check it before loading ({_first_line(e)})"
-    else:
-        why = (f"unpickling it would call {', '.join(sorted(calls))}, which can run any code"
-               if calls else f"weights-only loading refused it ({_first_line(error)})")  # fmt: skip
-    return UnsafeFileError(
-        f"{path} was refused and nothing in it was run: {why}. A file this pipeline writes "
-        "holds only tensors and plain numbers, so this one was altered or made elsewhere: "
-        + then.format(folder=path.parent)
-    )
-
-
-def _first_line(error: Exception) -> str:
-    """The line of a pickle error that says what is wrong (torch's own adds advice around it)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    found = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
-    return found.removeprefix("WeightsUnpickler error: ")[:200] or type(error).__name__
-
-
-def _names(globals_: tuple) -> set[str]:
-    """`module.name` of each class or function (or the name given beside it), as torch's scan
-    names them."""
-    return {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__name__}" for g in globals_}
-
-
-def load_file(path: str | os.PathLike, allow: tuple = ()) -> Any:
-    """torch.load of one checkpoint file onto the CPU with weights_only=True (tensors, numbers,
-    strings and containers; plus the classes in `allow`): unpickling can call nothing else, so
-    a file from elsewhere cannot run code. Raises UnsafeFileError for a file that needs more,
-    CheckpointError for one that cannot be read at all."""
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only's refusal (or a damaged pickle)
-        raise _refused(path, e) from None
-    except Exception as e:  # noqa: BLE001 - a damaged file raises zip, EOF or runtime errors
-        text = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {text})") from None
-
-
 def check_loads_safely(path: str | os.PathLike, then: str = UNSAFE_THEN) -> None:
     """Refuse a checkpoint folder (e.g. one downloaded from the hub) whose files name anything
     weights_only loading would not call, without loading them: torch's static scan of each
     file's pickle (a file that is not torch.save's zip format is refused too). The scan sees
     the names a pickle spells out; loading stays weights_only in any case (load_file), which
-    refuses the rest. `then`: what to do, as in _refused. Raises UnsafeFileError."""
+    refuses the rest. `then`: what to do, as in refused_file. Raises UnsafeFileError."""
     path = Path(path)
     for name in read_state(path).get("files", {}):
         f = path / name
-        allowed = _names(OLD_RNG_GLOBALS) if name == RNG else set()
+        if name == METADATA:  # DCP's index: unpickled weights-only, DCP's classes allowed
+            with open(f, "rb") as index:
+                read_metadata_safely(index, f, then)
+            continue
+        if name.endswith(TENSOR_FILE_SUFFIX):  # read by DCP weights-only (SafePlanner)
+            continue
+        allowed = global_names(OLD_RNG_GLOBALS) if name == RNG else set()
         try:
             calls = set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - allowed
         except (ValueError, pickle.UnpicklingError) as e:  # not torch.save's zip format, or
-            raise _refused(f, e, then) from None  # opcodes its pickle protocol never writes
+            raise refused_file(f, e, then) from None  # opcodes its pickle protocol never writes
         except Exception as e:  # noqa: BLE001 - a damaged zip
             raise CheckpointError(f"{f} cannot be read ({type(e).__name__}: {e})") from None
         if calls:
-            raise _refused(f, pickle.UnpicklingError(", ".join(sorted(calls))), then)
+            raise refused_file(f, pickle.UnpicklingError(", ".join(sorted(calls))), then)
 
 
 def _save(obj: Any, path: Path) -> dict:
@@ -153,75 +121,100 @@ def _save(obj: Any, path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 Optimizer = torch.optim.Optimizer | list[torch.optim.Optimizer]
 """One torch optimizer or several over disjoint parameters (Muon and AdamW)."""
-
-
-def full_state(model: torch.nn.Module, optimizer: Optimizer) -> tuple[dict, dict]:
-    """The whole model and optimizer state, unsharded, on the CPU: parameter names as in the
-    unwrapped model (no `module.`/`_orig_mod.` prefixes), optimizer state keyed by those names
-    (several optimizers merge into one dict: their param_groups in order), so a checkpoint
-    loads into any number of processes, sharded (FSDP, ZeroRedundancyOptimizer) or not.
-    Collective under FSDP and with a ZeroRedundancyOptimizer (is_sharded): then every process
-    must call it, and only rank 0 gets the states (the others get empty dicts)."""
-    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
-    for opt in optimizers:
-        if is_sharded(opt):
-            opt.consolidate_state_dict(to=0)
-    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    if not main and not isinstance(model, FSDPModule):
-        return {}, {}
-    model_state = get_model_state_dict(model, options=FULL)  # first: under FSDP2 the
-    # optimizer's state taken before it fails (KeyError in get_optimizer_state_dict, torch 2.13)
-    plain = [opt for opt in optimizers if not is_sharded(opt)]
-    parts = [get_optimizer_state_dict(model, plain, options=FULL) if plain else None]
-    if main:  # sharded optimizers first, as build_optimizer orders them (Muon, AdamW)
-        parts[:0] = [sharded_named_state(model, opt) for opt in optimizers if is_sharded(opt)]
-    parts = [part for part in parts if part]
-    named = {"state": {name: s for part in parts for name, s in part["state"].items()},
-             "param_groups": [g for part in parts for g in part["param_groups"]]}  # fmt: skip
-    return model_state, named
+FORMAT = 2
+"""state.json's "format" of the checkpoints written now; format 1 (no key) is read too."""
 
 
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
-    model_state: dict,
-    optimizer_state: dict,
-    state: dict,
+    model: torch.nn.Module,
+    optimizer: Optimizer | None,
+    state: dict | None,
     keep_last: int,
     rng: dict | None = None,
-) -> Path:
+    saver: TensorSaver | None = None,
+) -> tuple[Path, Future]:
     """Write checkpoint `step` of the run, then rotate the run's checkpoints (see rotate).
 
-    model_state, optimizer_state: from full_state(). state: JSON-serialisable (tokens seen,
-    loader, config, ...). rng: the RNG states to record (rng_state() of this process, with
-    the other processes' under "other_ranks"); None records this process's alone.
-    Written under `.step_NNNNNNN.tmp` and renamed when complete (pipeline.files.atomic_dir).
-    Returns the checkpoint folder. On any failure the partial folder is removed and earlier
-    checkpoints are untouched; a failed write (an OSError, or the RuntimeError "unexpected pos"
-    of torch's zip writer on a full disk) raises OutputError saying so.
+    Every process calls it (collective under torch.distributed) with the unwrapped model and
+    its optimizers (sharded or not): each writes its own tensors (checkpoint_tensors). state:
+    JSON-serialisable (tokens seen, loader, config, ...) on the main process, None on the
+    others. rng: the RNG states to record (rng_state() of this process, with the other
+    processes' under "other_ranks"); None records this process's alone. saver: asynchronous
+    or not (TensorSaver); None writes synchronously.
+
+    Returns (the checkpoint folder, a future) once the live tensors may change again. The
+    future completes when the checkpoint is complete: on the main process once rng.pt and
+    state.json are written, every file fsynced, `.step_NNNNNNN.tmp` renamed and older
+    checkpoints rotated; elsewhere once this process's files are written. On any failure the
+    partial folder is removed and earlier checkpoints are untouched; a failed write (an
+    OSError, e.g. a full disk, or DCP's report of one) raises OutputError saying so, from
+    this call or from the future.
     """
     final = checkpoint_dir(run_dir, step)
-    try:  # pipeline.files.atomic_dir: a failure of any kind removes the partial folder
-        with atomic_dir(final, tmp=final.with_name(f".{final.name}.tmp")) as tmp:
-            sizes = {MODEL: _save(model_state, tmp / MODEL)}
-            inject("checkpoint", step)
-            sizes |= {
-                OPTIMIZER: _save(optimizer_state, tmp / OPTIMIZER),
-                RNG: _save(rng if rng is not None else rng_state(), tmp / RNG),
-            }
-            with open(tmp / STATE, "w") as f:
-                json.dump({**state, "step": step, "files": sizes}, f, indent=2)
-    except (OSError, RuntimeError) as e:  # torch's zip writer: RuntimeError on a full disk
-        raise write_failed(final, e, "no partial checkpoint is left and earlier checkpoints are "
-                           "intact: free disk space and run the same command again (it resumes "
-                           "from the newest checkpoint)") from e  # fmt: skip
-    rotate(run_dir, keep_last)
-    return final
+    tmp = final.with_name(f".{final.name}.tmp")
+    main = state is not None
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the folder exists before any process writes into it
+    saver = saver or TensorSaver(False, torch.device("cpu"))
+    try:
+        written = saver.save(tensor_state(model, optimizer), tmp)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(final, e) from None
+    if not main:
+        return final, when_done(written, lambda: None, lambda e: _write_failed(final, e))
+    finish = functools.partial(_finish, tmp, final, step, state, rng, keep_last)
+    return final, when_done(written, finish, functools.partial(_abandon, tmp, final))
+
+
+def _abandon(tmp: Path, final: Path, error: BaseException) -> BaseException:
+    """The main process's cleanup of a save that failed on any process: the partial folder is
+    removed; returns the error to raise (OutputError for a failed write)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, (OSError, RuntimeError, CheckpointException)) and not isinstance(
+        error, PipelineError
+    ):
+        return _write_failed(final, error)
+    return error
+
+
+def _finish(tmp: Path, final: Path, step: int, state: dict, rng: dict | None,
+            keep_last: int) -> None:  # fmt: skip
+    """The main process's end of a save, once every process's tensors are written: rng.pt,
+    state.json with every file's size and sha256, fsync, rename, rotate."""
+    try:
+        inject("checkpoint", step)
+        sizes = {RNG: _save(rng if rng is not None else rng_state(), tmp / RNG)}
+        for name in tensor_files(tmp):
+            sizes[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+        with open(tmp / STATE, "w") as f:
+            json.dump({**state, "format": FORMAT, "step": step, "files": sizes}, f, indent=2)
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except (OSError, RuntimeError) as e:
+        raise _write_failed(final, e) from None  # _abandon removes the partial folder
+    rotate(final.parent.parent, keep_last)
+
+
+def _write_failed(final: Path, error: BaseException) -> Exception:
+    """The OutputError of a checkpoint that could not be written (DCP's CheckpointException:
+    the first process's error)."""
+    if isinstance(error, CheckpointException):
+        error = next(iter(error.failures.values()))[0]
+    return write_failed(final, error, "no partial checkpoint is left and earlier checkpoints "
+                        "are intact: free disk space and run the same command again (it "
+                        "resumes from the newest checkpoint)")  # fmt: skip
 
 
 def rotate(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -416,21 +409,19 @@ def load_checkpoint(
     (its checksums are not computed again)."""
     path = Path(path)
     state = read_state(path) if verified else verify(path)
-    weights = load_file(path / MODEL)
-    opt_state = load_file(path / OPTIMIZER) if optimizer is not None else None
     rng = load_file(path / RNG, allow=OLD_RNG_GLOBALS) if restore_rng else None
-    load = StateDictOptions(full_state_dict=True)
     try:
-        set_model_state_dict(model, weights, options=load)
-        if opt_state is not None:
-            _load_optimizers(model, optimizer, opt_state, load)
+        if MODEL in state.get("files", {}):  # format 1: whole states, every process reads all
+            _load_whole(path, model, optimizer)
+        else:
+            load_tensor_state(path, model, optimizer)
+    except CheckpointException as e:  # DCP's, from any process: the first one's error
+        error = next(iter(e.failures.values()))[0]
+        if isinstance(error, (UnsafeFileError, CheckpointError)):
+            raise error from None
+        raise _does_not_fit(path, error) from None
     except (RuntimeError, KeyError, ValueError) as e:  # another architecture: shapes, names
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-        raise CheckpointError(
-            f"{path} does not fit this model: {' '.join(lines[:2])}{more}; build the model "
-            f"with the config recorded in its {STATE} (model.*), or start a new run"
-        ) from e
+        raise _does_not_fit(path, e) from e
     if rng is not None:
         try:
             set_rng_state(rng, rank)
@@ -443,11 +434,30 @@ def load_checkpoint(
     return state
 
 
+def _does_not_fit(path: Path, error: BaseException) -> CheckpointError:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return CheckpointError(
+        f"{path} does not fit this model: {' '.join(lines[:2])}{more}; build the model "
+        f"with the config recorded in its {STATE} (model.*), or start a new run"
+    )
+
+
+def _load_whole(path: Path, model: torch.nn.Module, optimizer: Optimizer | None) -> None:
+    """Load a format-1 checkpoint (model.pt, optimizer.pt: whole states keyed by parameter
+    name) into the model and optimizers, sharded or not."""
+    load = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_file(path / MODEL), options=load)
+    if optimizer is not None:
+        _load_optimizers(model, optimizer, load_file(path / OPTIMIZER), load)
+
+
 def _load_optimizers(
     model: torch.nn.Module, optimizer: Optimizer, named: dict, options: StateDictOptions
 ) -> None:
-    """Load a full_state optimizer state into the run's optimizers: each rank's part into a
-    ZeroRedundancyOptimizer, the rest through set_optimizer_state_dict."""
+    """Load a format-1 optimizer state (whole, keyed by parameter name) into the run's
+    optimizers: each rank's part into a ZeroRedundancyOptimizer, the rest through
+    set_optimizer_state_dict."""
     optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
     for opt in optimizers:
         if is_sharded(opt):
@@ -455,6 +465,17 @@ def _load_optimizers(
     plain = [opt for opt in optimizers if not is_sharded(opt)]
     if plain:
         set_optimizer_state_dict(model, plain, named, options=options)
+
+
+def model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model state of a checkpoint folder as saved (parameter names, dtypes), whole and on
+    the CPU, from either format; after verify(path). Raises CheckpointError, UnsafeFileError."""
+    path = Path(path)
+    state = verify(path)
+    if MODEL in state.get("files", {}):
+        return load_file(path / MODEL)
+    model = saved_state(path, "model.")
+    return {key.removeprefix("model."): tensor for key, tensor in model.items()}
 
 
 def load_model(path: str | os.PathLike) -> tuple[GPT, Path, dict]:

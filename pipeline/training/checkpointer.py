@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +22,6 @@ from pipeline.data.loader import TrainLoader
 from pipeline.errors import CheckpointError, ConfigError, UnsafeFileError, one_line, raise_if
 from pipeline.model import GPT
 from pipeline.training.checkpoint import (
-    full_state,
     list_checkpoints,
     load_checkpoint,
     newest_good,
@@ -30,6 +31,7 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
     verify,
 )
+from pipeline.training.checkpoint_tensors import TensorSaver
 from pipeline.training.optim import Optimizers
 from pipeline.training.rng import rng_state
 from pipeline.training.state import RunState, every
@@ -65,6 +67,16 @@ class Checkpointer:
     """Each process holds a shard of the model: gathering the full state is collective."""
     say: Callable[[str], None]
     """Prints a line on the main process (pipeline.training.reporter.main_print)."""
+    timeout_s: float = 1800.0
+    """runtime.dist_timeout_s: also the limit of the background save's collectives."""
+    saver: TensorSaver | None = None
+    """Writes the tensors (asynchronously per checkpoint.async_save); made at the first save."""
+    in_flight: tuple[Path, Future] | None = None
+    """The save not yet waited for: its folder and the future of its completion."""
+    announced: bool = False
+    """The save in flight was printed as saved (poll)."""
+    blocked_s: float = 0.0
+    """Seconds the last save held the training loop (wait for the previous one, staging)."""
 
     def due(self, step: int) -> bool:
         """Whether to checkpoint after `step` steps: every checkpoint.interval, at the end and,
@@ -267,21 +279,25 @@ class Checkpointer:
             raise CheckpointError(failed[0])
         return result
 
-    def save(
-        self, state: RunState, model: GPT, optimizer: Optimizers, loader: TrainLoader
-    ) -> Path | None:
-        """Checkpoint the run at state.step: the main process writes, every process waits
-        (collective). Returns the folder on the main process, None elsewhere."""
-        path, acc = None, self.accelerator
+    def save(self, state: RunState, model: GPT, optimizer: Optimizers, loader: TrainLoader) -> Path:
+        """Checkpoint the run at state.step (collective): every process writes its own tensors,
+        in the background under checkpoint.async_save once they are staged, and the main
+        process completes the folder. A save still in flight completes first (wait). Returns
+        the checkpoint's folder (complete once wait() returns); blocked_s holds the seconds
+        the training loop was held."""
+        started, acc = time.perf_counter(), self.accelerator
+        self.wait()
+        if self.saver is None:  # collective (the background's own process group)
+            self.saver = TensorSaver(self.cfg.async_save, acc.device, self.timeout_s)
         agree = self._replicas_agree(model)
         if agree is False:
             self.say("warning: model weights differ between processes")
-        if acc.is_main_process or self.fsdp or optimizer.sharded:  # gathering is collective
-            model_state, optimizer_state = full_state(model, optimizer.raw)
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+        meta = rng = None
         if acc.is_main_process:
             stable = self.last_stable_step is not None and state.step <= self.last_stable_step
-            extra = {
+            meta = {
+                **state.state_dict(),
                 "loader": loader.state_dict(),
                 "data": loader.data,  # absolute shard folder, manifest fingerprint
                 "config": self.config,
@@ -291,12 +307,57 @@ class Checkpointer:
                 "replicas_agree": agree,
             }
             rng = {**rngs[0], "other_ranks": rngs[1:]}  # each rank's own dropout stream
-            path = save_checkpoint(self.run_dir, state.step, model_state, optimizer_state,
-                                   {**state.state_dict(), **extra}, self.cfg.keep_last,
-                                   rng)  # fmt: skip
-            self.say(f"saved checkpoint {path}")
-        acc.wait_for_everyone()
+        path, done = self._everywhere(functools.partial(
+            save_checkpoint, self.run_dir, state.step, model, optimizer.raw, meta,
+            self.cfg.keep_last, rng, self.saver))  # fmt: skip
+        self.in_flight, self.announced = (path, done), False
+        self.blocked_s = time.perf_counter() - started
+        if not self.cfg.async_save:
+            self.wait()
         return path
+
+    def wait(self) -> Path | None:
+        """Complete the save in flight, if any (collective): every process waits for its
+        files, the main process for the whole folder; then the main process prints it. An
+        error on any process is raised on every one (OutputError for a failed write).
+        Returns the folder of the save it completed, or None."""
+        if self.in_flight is None:
+            return None
+        (path, done), self.in_flight = self.in_flight, None
+        self._everywhere(done.result)
+        if not self.announced:
+            self.say(f"saved checkpoint {path}")
+        return path
+
+    def poll(self) -> None:
+        """Print the save in flight once the main process has completed it (no waiting, no
+        collective: wait() still checks every process)."""
+        if self.in_flight is not None and self.in_flight[1].done() and not self.announced:
+            self.announced = True
+            if self.in_flight[1].exception() is None:
+                self.say(f"saved checkpoint {self.in_flight[0]}")
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        """Complete the save in flight when the run ends, stops or fails (a preempted run exits
+        75 only once its checkpoint is complete), then release the background's resources.
+        After another error the save's own error is reported as a warning, not raised."""
+        try:
+            if error is None:
+                self.wait()
+            elif self.in_flight is not None:
+                try:
+                    self.in_flight[1].result()
+                    if not self.announced:
+                        self.say(f"saved checkpoint {self.in_flight[0]}")
+                except BaseException as e:  # noqa: BLE001 - the run's own error goes on
+                    self.say(f"warning: the checkpoint in flight was not written ({e})")
+                self.in_flight = None
+        finally:
+            if self.saver is not None:
+                self.saver.close()
 
     def _replicas_agree(self, model: GPT) -> bool | None:
         """Whether every process holds the same weights, as data parallelism promises: per

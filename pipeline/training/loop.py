@@ -69,6 +69,7 @@ class Run:
         record, their tokens/s and MFU; a skip record for every non-finite step, at once, with
         bad_steps the skipped steps in a row. A step that stops the run (a signal) writes its
         record too, so that none of its steps goes unrecorded."""
+        self.checkpointer.poll()
         t, step, max_steps = self.cfg.trainer, self.state.step, self.cfg.max_steps
         loss, grad_norm = result.loss, result.grad_norm
         if not result.finite:
@@ -138,7 +139,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
                                cfg.max_steps, accelerator, fsdp)  # fmt: skip
     last_stable = cfg.decay_start if cfg.optim.schedule == "wsd" else None
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, cfg.max_steps, last_stable, config,
-                                accelerator, fsdp, main_print(main))  # fmt: skip
+                                accelerator, fsdp, main_print(main),
+                                timeout_s=cfg.runtime.dist_timeout_s)  # fmt: skip
 
     model = build_model(cfg, device, rank)
     optimizer = build_optimizer(model, cfg.optim, device.type, world)
@@ -192,7 +194,7 @@ def _train(run: Run) -> dict:
     elif state.step == 0 and run.validator.enabled:
         run.validator.run(run.model, state, run.reporter)  # the untrained baseline, ~ln(vocab)
     path, started, bad_steps, stop = None, time.perf_counter(), 0, StopSignal()
-    with stop, run.profiler, contextlib.closing(run.reporter):
+    with stop, run.profiler, contextlib.closing(run.reporter), run.checkpointer:
         for step in range(state.step, max_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, optim, max_steps)  # AdamW's; Muon's follows at its own peak
@@ -218,6 +220,7 @@ def _train(run: Run) -> dict:
                 run.reporter.print(f"stopping after step {state.step} on {cause}: resume to "
                                    "continue")  # fmt: skip
                 break
+        run.checkpointer.wait()  # the save in flight is complete before the run reports it
         summary = {
             "steps": state.step,
             "tokens_seen": state.tokens_seen,

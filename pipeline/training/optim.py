@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
-from itertools import chain
 
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -162,29 +161,15 @@ def is_sharded(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(getattr(optimizer, "optimizer", optimizer), ZeroRedundancyOptimizer)
 
 
-def sharded_named_state(model: torch.nn.Module, optimizer: ZeroRedundancyOptimizer) -> dict:
-    """A ZeroRedundancyOptimizer's whole state in the layout of
-    torch.distributed.checkpoint's get_optimizer_state_dict(full_state_dict=True): {"state":
-    {parameter name: {key: CPU tensor}}, "param_groups": [{..., "params": [names]}]}, as the
-    same optimizer unwrapped (torch.optim.Muon) writes it, so a checkpoint loads on any number
-    of processes. Call optimizer.consolidate_state_dict(to=rank) on every rank first; valid on
-    that rank only. `model` is the unwrapped model (names without wrapper prefixes)."""
-    names = {p: n for n, p in model.named_parameters()}
-    order = [names[p] for p in chain.from_iterable(g["params"] for g in optimizer.param_groups)]
-    saved = optimizer.state_dict()  # indices: the linear order of param_groups' parameters
-    state = {order[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-             for i, s in saved["state"].items()}  # fmt: skip
-    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
 def load_sharded_named_state(
     model: torch.nn.Module, optimizer: ZeroRedundancyOptimizer, named: dict
 ) -> dict:
-    """Load this rank's part of a state in sharded_named_state's layout (written by any number
-    of processes) into a ZeroRedundancyOptimizer; returns what is left of `named` (the other
-    optimizers' groups and states). Raises KeyError when the state has no group with exactly
-    the parameters of one of the optimizer's groups (another model or optimizer)."""
+    """Load this rank's part of an optimizer state keyed by parameter name (the layout of
+    torch.distributed.checkpoint's get_optimizer_state_dict: {"state": {name: {key: tensor}},
+    "param_groups": [{..., "params": [names]}]}, written by any number of processes) into a
+    ZeroRedundancyOptimizer; returns what is left of `named` (the other optimizers' groups and
+    states). Raises KeyError when the state has no group with exactly the parameters of one of
+    the optimizer's groups (another model or optimizer)."""
     names = {p: n for n, p in model.named_parameters()}
     mine = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
     groups, index, state = [], 0, {}

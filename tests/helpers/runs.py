@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.checkpoint import list_checkpoints, model_tensors
 from pipeline.training.runlog import read_records
 
 TIMING = ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "mfu")
@@ -20,8 +20,8 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The model state of a checkpoint folder."""
-    return torch.load(checkpoint / "model.pt", weights_only=True)
+    """The model state of a checkpoint folder, as saved."""
+    return model_tensors(checkpoint)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
