@@ -9,8 +9,9 @@ runs, with one thread and the offline environment, from REPO (default: this chec
            tokens and a checkpoint every 6 steps, no samples, a train record every step
 and prints one line per figure (also written to OUT/identity.json): each shard's and the
 manifest's sha256 (16 hex digits); per optimizer the sha256 of the (step, loss) train records of
-metrics.jsonl, the validation loss at step 12, and the sha256 over step_0000012/model.pt's
-tensors (each name and its raw bytes, in sorted name order). Run it on the tree before and the
+metrics.jsonl, the validation loss at step 12, and the sha256 over step_0000012's model tensors
+(each name and its raw bytes, in sorted name order; model.pt of a format-1 checkpoint, the DCP
+files of a format-2 one, read through this checkout's pipeline.training.checkpoint). Run it on the tree before and the
 tree after a change, on the same machine, and compare: numerics differ across CPUs in the 7th
 digit. --old-names uses the flat trainer.* keys of trees before the config groups.
 """
@@ -47,8 +48,14 @@ def run(repo: Path, args: list[str]) -> None:
         sys.exit(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
 
-def weights_hash(model_pt: Path) -> str:
-    state = torch.load(model_pt, map_location="cpu", weights_only=True)
+def weights_hash(checkpoint: Path) -> str:
+    if (checkpoint / "model.pt").is_file():  # format 1, also of trees before format 2
+        state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)
+    else:
+        sys.path.insert(0, str(HERE))
+        from pipeline.training.checkpoint import model_tensors
+
+        state = model_tensors(checkpoint)
     h = hashlib.sha256()
     for name in sorted(state):
         h.update(name.encode())
@@ -82,8 +89,8 @@ def main() -> None:
         val = [r["loss"] for r in records if r["kind"] == "val" and r["step"] == 12]
         figures[f"{opt} train losses"] = sha(json.dumps(train).encode())
         figures[f"{opt} val loss, step 12"] = repr(val[-1])
-        model = out / "runs" / opt / "checkpoints" / "step_0000012" / "model.pt"
-        figures[f"{opt} weights, step 12"] = weights_hash(model)
+        checkpoint = out / "runs" / opt / "checkpoints" / "step_0000012"
+        figures[f"{opt} weights, step 12"] = weights_hash(checkpoint)
     (out / "identity.json").write_text(json.dumps(figures, indent=1))
     for k, v in figures.items():
         print(f"{k:28} {v}")

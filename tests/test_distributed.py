@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers.paths import REPO
 from helpers.proc import run_module
-from helpers.runs import final_weights, records
+from helpers.runs import final_weights, optimizer_state, records
 from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import USER_ERROR
@@ -233,21 +233,6 @@ def muon_double(sample_shards, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("muon_double")
     launch_two_processes(overrides(sample_shards, runs, "two") + ["optim=muon"])
     return runs / "two"
-
-
-def optimizer_state(checkpoint: Path) -> dict:
-    """A checkpoint's optimizer state as saved: {"state": {name: {key: tensor}},
-    "param_groups": [...]}."""
-    state, groups = {}, {}
-    for key, value in saved_state(checkpoint, "optimizer.").items():
-        kind, _, rest = key.removeprefix("optimizer.").partition(".")
-        if kind == "state":
-            name, _, entry = rest.rpartition(".")
-            state.setdefault(name, {})[entry] = value
-        else:  # param_groups.<index>.<key>
-            index, _, entry = rest.partition(".")
-            groups.setdefault(int(index), {})[entry] = value
-    return {"state": state, "param_groups": [groups[i] for i in sorted(groups)]}
 
 
 def same_bits(a, b) -> bool:

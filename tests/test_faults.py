@@ -20,6 +20,7 @@ from helpers.runs import final_weights, records, weights
 from helpers.tiny import tiny_run, train_config
 
 import pipeline.training.checkpoint
+import pipeline.training.checkpoint_tensors
 from pipeline.data.shards import HEADER_BYTES
 from pipeline.errors import PREEMPTED, NumericsError, ShardError
 from pipeline.training.checkpoint import list_checkpoints
@@ -102,6 +103,32 @@ def test_sigterm_checkpoints_and_exits_for_a_restart(sample_shards, reference, t
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
+def test_sigterm_while_a_checkpoint_is_written_completes_it_before_exiting(
+    sample_shards, reference, tmp_path
+):
+    """Checkpoint 2 is still being written (stalled 3 s, a slow disk) when SIGTERM arrives at
+    step 3: the run completes it, writes the preemption checkpoint, exits 75, and resumes to
+    the uninterrupted run's result."""
+    args = overrides(sample_shards, tmp_path)
+    env = {**os.environ, "PIPELINE_FAULT": "stall:2"}
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    process = subprocess.Popen(command(args), cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"step": 3' in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not list_checkpoints(tmp_path / "run")  # checkpoint 2 is in flight
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED, out
+    steps = [json.loads((p / "state.json").read_text())["step"]
+             for p in list_checkpoints(tmp_path / "run")]  # fmt: skip
+    assert steps[0] == 2 and 3 <= steps[-1] < 6, steps
+    assert out.index("step_0000002") < out.index("stopping after step")
+    subprocess.run(command(args), cwd=REPO, check=True, capture_output=True)
+    assert_identical(tmp_path / "run", reference)
+
+
 def test_corrupt_newest_checkpoint_is_skipped_for_the_previous(sample_shards, reference, tmp_path):
     shutil.copytree(reference, tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -164,19 +191,23 @@ def test_repeated_non_finite_steps_stop_with_the_last_good_weights(
 def test_disk_full_while_checkpointing_keeps_the_previous_one(
     sample_shards, reference, tmp_path, monkeypatch
 ):
-    real_save = pipeline.training.checkpoint._save
+    """The tensors of step 4 fail to write (in DCP's background writer, as a full disk would):
+    the run stops with one line once it learns of it, step 4 leaves nothing behind, and the
+    same command continues from step 2 to the uninterrupted run's result."""
+    real_writer = pipeline.training.checkpoint_tensors.FileSystemWriter
 
-    def full_disk(obj, path):
-        if path.name == "optimizer.pt" and "step_0000004" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path)
+    class FullDisk(real_writer):
+        def write_data(self, plan, planner):
+            if "step_0000004" in str(self.path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write_data(plan, planner)
 
-    monkeypatch.setattr(pipeline.training.checkpoint, "_save", full_disk)
-    with pytest.raises(OSError, match="earlier checkpoints are intact"):
+    monkeypatch.setattr(pipeline.training.checkpoint_tensors, "FileSystemWriter", FullDisk)
+    with pytest.raises(OSError, match="disk is full.*earlier checkpoints are intact"):
         train(train_config(overrides(sample_shards, tmp_path)))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000002"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
-    monkeypatch.setattr(pipeline.training.checkpoint, "_save", real_save)
+    monkeypatch.setattr(pipeline.training.checkpoint_tensors, "FileSystemWriter", real_writer)
     train(train_config(overrides(sample_shards, tmp_path)))
     assert_identical(tmp_path / "run", reference)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.paths import REPO
-from helpers.runs import final_weights, records, weights
+from helpers.runs import final_weights, optimizer_state, records, weights
 from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import ConfigError
@@ -68,7 +68,7 @@ def muon_reference(sample_shards, tmp_path_factory) -> Path:
 
 def test_muon_checkpoints_hold_both_optimizers(muon_reference):
     checkpoint = list_checkpoints(muon_reference)[-1]
-    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    saved = optimizer_state(checkpoint)
     kinds = {name: sorted(state) for name, state in saved["state"].items()}
     assert kinds["transformer.h.0.attn.c_attn.weight"] == ["momentum_buffer"]  # Muon
     assert kinds["transformer.wte.weight"] == ["exp_avg", "exp_avg_sq", "step"]  # AdamW
@@ -97,8 +97,7 @@ def test_non_finite_muon_step_is_skipped(sample_shards, tmp_path, monkeypatch):
     ckpt = tmp_path / "run" / "checkpoints"
     before, after = weights(ckpt / "step_0000002"), weights(ckpt / "step_0000003")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    saved = [torch.load(ckpt / f"step_000000{s}" / "optimizer.pt", weights_only=True)
-             for s in (2, 3)]  # fmt: skip
+    saved = [optimizer_state(ckpt / f"step_000000{s}") for s in (2, 3)]
     name = "transformer.h.0.mlp.c_fc.weight"  # no momentum from the skipped step either
     assert torch.equal(saved[0]["state"][name]["momentum_buffer"],
                        saved[1]["state"][name]["momentum_buffer"])  # fmt: skip

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from helpers.proc import run_module
 from helpers.runs import final_weights
 from helpers.tiny import tiny_run, train_config
+from torch.distributed.checkpoint import FileSystemWriter
 
 from pipeline.errors import USER_ERROR, UnsafeFileError
 from pipeline.interop.hub import install_checkpoint
@@ -36,6 +38,7 @@ from pipeline.training.checkpoint import (
     load_file,
     load_newest_good,
 )
+from pipeline.training.checkpoint_tensors import METADATA, SafeReader, saved_state, tensor_files
 from pipeline.training.loop import train
 from pipeline.training.rng import OLD_RNG_GLOBALS, rng_state, set_rng_state
 
@@ -174,6 +177,78 @@ def test_a_pulled_checkpoint_with_a_payload_is_not_installed(runs, tmp_path):
         "was not installed and the download was deleted: pull from a repo you trust"
     )
     assert not final.exists() and not staged.exists() and not marker.exists()
+
+
+def plant_index_payload(checkpoint: Path, marker: Path) -> Path:
+    """Replace DCP's index (.metadata) by the same index with a payload among its planner data,
+    pickled as DCP pickles it."""
+
+    def write(path: Path) -> None:
+        metadata = SafeReader(checkpoint).read_metadata()
+        metadata.planner_data = {"x": Payload(marker)}
+        path.write_bytes(pickle.dumps(metadata))
+
+    return plant(checkpoint, METADATA, write)
+
+
+@pytest.mark.parametrize(
+    "module,args",
+    [
+        ("train", []),
+        ("evaluate", ["eval_tokens=1024", "sample_tokens=0"]),
+        ("sample", ["prompt=Hello", "max_new_tokens=4"]),
+        ("hf", ["export", "RUN", "OUT", "--format", "hf"]),
+    ],
+)
+def test_every_loader_refuses_a_planted_tensor_index(runs, sample_shards, tmp_path, module, args):
+    """DCP's index is unpickled (with plain pickle by DCP's own reader): ours refuses anything
+    but DCP's metadata classes, before any tensor is read."""
+    marker = tmp_path / "ran"
+    path = plant_index_payload(checkpoint_dir(runs / "run", 4), marker)
+    run = str(runs / "run")
+    if module == "train":
+        args = overrides(sample_shards, runs)
+    elif module == "hf":
+        args = [a.replace("RUN", run).replace("OUT", str(tmp_path / "out")) for a in args]
+    else:
+        args = [f"checkpoint={run}", *args]
+    done = run_module(module, *args, cwd=tmp_path, timeout=300)
+    assert_refused(done, path, SYSTEM, marker)
+    assert [p.name for p in list_checkpoints(runs / "run")] == ["step_0000002", "step_0000004"]
+    assert not (tmp_path / "out").exists() and not (runs / "run" / "eval").exists()
+
+
+def test_a_pulled_checkpoint_with_a_planted_index_is_not_installed(runs, tmp_path):
+    marker = tmp_path / "ran"
+    staged = Path(shutil.copytree(checkpoint_dir(runs / "run", 4), tmp_path / "staged"))
+    plant_index_payload(staged, marker)
+    final = checkpoint_dir(tmp_path / "pulled" / "run", 4)
+    with pytest.raises(UnsafeFileError, match=f"{staged / METADATA} was refused"):
+        install_checkpoint(staged, final, 4)
+    assert not final.exists() and not staged.exists() and not marker.exists()
+
+
+def test_resume_refuses_a_planted_value_among_the_tensors(runs, sample_shards, tmp_path):
+    """A value DCP stores as a pickle in a process's tensor file (here the learning rate of
+    the optimizer's first parameter group) is read weights-only: one line, nothing run."""
+    marker = tmp_path / "ran"
+    step4 = checkpoint_dir(runs / "run", 4)
+    saved = saved_state(step4)
+    key = "optimizer.param_groups.0.lr"
+    assert isinstance(saved[key], float)
+    saved[key] = Payload(marker)
+    for name in tensor_files(step4):
+        (step4 / name).unlink()
+    dcp.save(saved, storage_writer=FileSystemWriter(step4))
+    for name in tensor_files(step4):
+        plant(step4, name, lambda p: None)  # the sizes and checksums of the new files
+    done = run_module("train", *overrides(sample_shards, runs), timeout=300)
+    assert done.returncode == USER_ERROR, done.stderr[-2000:]
+    assert done.stderr.startswith(
+        f"error: {step4 / '__*.distcp'} was refused and nothing in it was run: unpickling its "
+        f"value {key} would call more than numbers and strings ("
+    ), done.stderr
+    assert done.stderr.endswith(THEN.format(folder=step4) + "\n") and not marker.exists()
 
 
 def test_imported_weights_that_are_a_pickle_are_refused(tmp_path):

@@ -29,7 +29,7 @@ import torch
 from pipeline.errors import LMEvalError
 from pipeline.evaluation.reports import write_lm_eval_report
 from pipeline.interop.hf_export import export_cached
-from pipeline.training.checkpoint import read_state, resolve_checkpoint
+from pipeline.training.checkpoint import read_state, resolve_checkpoint, weights_sha256
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai")
 """Zero-shot benchmarks that small GPT-2s score above chance on (lm-eval's task names)."""
@@ -139,8 +139,9 @@ def task_metrics(entry: dict) -> dict[str, dict]:
 
 def lm_eval_record(results: dict, checkpoint: Path, state: dict, export: Path) -> dict:
     """Our record of what `lm_eval.simple_evaluate` returned for a checkpoint: the checkpoint
-    (folder, step, tokens seen, model.pt sha256), the export evaluated, and per task its metrics
-    with stderr, samples scored (`samples` of `of`), n-shot, task version and the settings."""
+    (folder, step, tokens seen, the fingerprint of its tensors: weights_sha256), the export
+    evaluated, and per task its metrics with stderr, samples scored (`samples` of `of`),
+    n-shot, task version and the settings."""
     config = results.get("config", {})
     date = datetime.fromtimestamp(results.get("date", 0), timezone.utc).isoformat(
         timespec="seconds"
@@ -164,7 +165,7 @@ def lm_eval_record(results: dict, checkpoint: Path, state: dict, export: Path) -
         "checkpoint": str(checkpoint),
         "step": state.get("step"),
         "tokens_seen": state.get("tokens_seen"),
-        "model_sha256": state.get("files", {}).get("model.pt", {}).get("sha256"),
+        "model_sha256": weights_sha256(state),
         "export": str(export),
         "tasks": tasks,
     }

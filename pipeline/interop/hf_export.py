@@ -28,7 +28,7 @@ from pipeline.interop.hf import CONFIG, WEIGHTS, hf_config, to_hf_state_dict
 from pipeline.interop.hub import prepare_repo
 from pipeline.interop.hub_errors import hub_errors, require_token
 from pipeline.model import GPT
-from pipeline.training.checkpoint import load_model, read_state, resolve_checkpoint
+from pipeline.training.checkpoint import load_model, read_state, resolve_checkpoint, weights_sha256
 from pipeline.training.runtime import unwrap_model
 
 TOKENIZER_FILES = {
@@ -41,7 +41,7 @@ SPECIAL_TOKENS = "special_tokens_map.json"
 EXPORT_CACHE = "hf_export"
 """The folder beside a run's checkpoints that holds the export of one of them (export_cached)."""
 SOURCE = "source.json"
-"""What an export_cached folder was written from: checkpoint folder, step, model.pt's sha256."""
+"""What an export_cached folder was written from: checkpoint folder, step, weights_sha256."""
 
 Writer = Callable[[Path], None]
 """Writes one file at the path it is given."""
@@ -141,9 +141,8 @@ def export_hf(
 
 
 def _export_source(checkpoint: Path, state: dict) -> dict:
-    model = state.get("files", {}).get("model.pt", {})
     return {"checkpoint": str(checkpoint.resolve()), "step": state.get("step"),
-            "model_sha256": model.get("sha256")}  # fmt: skip
+            "model_sha256": weights_sha256(state)}  # fmt: skip
 
 
 def _reusable(out: Path, source: dict) -> bool:
@@ -160,7 +159,7 @@ def _reusable(out: Path, source: dict) -> bool:
 def export_cached(checkpoint: str | os.PathLike) -> tuple[Path, Path, dict]:
     """The export (export_hf, with the tokenizer) of a checkpoint folder, or of a run folder's
     newest checkpoint, in `<run>/hf_export/`: reused when its source.json names the same
-    checkpoint (folder, step and the sha256 of model.pt that state.json records), else written
+    checkpoint (folder, step and the fingerprint of its tensors, weights_sha256), else written
     again in place of the export of another checkpoint. The folder is written under a
     temporary name and renamed when complete (pipeline.files.atomic_dir), so it is whole or
     absent. Returns (export folder, checkpoint folder, its state.json). Raises CheckpointError,

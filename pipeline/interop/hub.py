@@ -7,8 +7,9 @@ Only the manifest and the shards it lists are sent, each checked first against t
 is committed after its shards, so a manifest on the hub means its shards are there too. A
 download is checked the same way before it is used.
 
-Checkpoints go to a model repo as `checkpoints/<run_name>/step_NNNNNNN/` (model.pt,
-optimizer.pt, rng.pt, then state.json); a pull puts one back at
+Checkpoints go to a model repo as `checkpoints/<run_name>/step_NNNNNNN/` (the files state.json
+lists: DCP's tensors and index, or model.pt and optimizer.pt of format 1, rng.pt; then
+state.json); a pull puts one back at
 `<runs_dir>/<run_name>/checkpoints/step_NNNNNNN/`, where `checkpoint.resume=auto` finds it.
 
 The pure parts (which files to send, path mapping; the manifest checks are

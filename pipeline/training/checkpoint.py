@@ -30,6 +30,7 @@ stops there instead of falling back to an older checkpoint.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -191,6 +192,7 @@ def _finish(tmp: Path, final: Path, step: int, state: dict, rng: dict | None,
     """The main process's end of a save, once every process's tensors are written: rng.pt,
     state.json with every file's size and sha256, fsync, rename, rotate."""
     try:
+        inject("stall", step)
         inject("checkpoint", step)
         sizes = {RNG: _save(rng if rng is not None else rng_state(), tmp / RNG)}
         for name in tensor_files(tmp):
@@ -468,14 +470,35 @@ def _load_optimizers(
 
 
 def model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model state of a checkpoint folder as saved (parameter names, dtypes), whole and on
-    the CPU, from either format; after verify(path). Raises CheckpointError, UnsafeFileError."""
+    """The model state of a checkpoint folder as saved (dtypes), whole and on the CPU, from
+    either format, keyed as GPT.state_dict() (the tied lm_head.weight, which format 2 stores
+    once as transformer.wte.weight, is the same tensor); after verify(path). Raises
+    CheckpointError, UnsafeFileError."""
     path = Path(path)
     state = verify(path)
     if MODEL in state.get("files", {}):
         return load_file(path / MODEL)
-    model = saved_state(path, "model.")
-    return {key.removeprefix("model."): tensor for key, tensor in model.items()}
+    model = {k.removeprefix("model."): v for k, v in saved_state(path, "model.").items()}
+    if TIED in model:
+        model.setdefault(TIED_TO, model[TIED])
+    return model
+
+
+TIED, TIED_TO = "transformer.wte.weight", "lm_head.weight"
+"""GPT-2's tied embedding: lm_head.weight is transformer.wte.weight (pipeline.model)."""
+
+
+def weights_sha256(state: dict) -> str | None:
+    """A fingerprint of a checkpoint's tensors from its state.json (no file is read): model.pt's
+    sha256 (format 1), or the sha256 of the DCP files' names and sha256s (format 2, which hold
+    the optimizers' states too). None when state.json records no files. Two checkpoints with
+    the same fingerprint hold the same weights (the converse need not hold)."""
+    files = state.get("files", {})
+    if MODEL in files:
+        return files[MODEL]["sha256"]
+    tensors = sorted(f"{name} {meta['sha256']}\n" for name, meta in files.items()
+                     if name == METADATA or name.endswith(TENSOR_FILE_SUFFIX))  # fmt: skip
+    return hashlib.sha256("".join(tensors).encode()).hexdigest() if tensors else None
 
 
 def load_model(path: str | os.PathLike) -> tuple[GPT, Path, dict]:

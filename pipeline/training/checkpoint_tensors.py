@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element  # as DefaultLoadPlanner
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -181,12 +182,16 @@ class SafePlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
         try:
-            self.state_dict[fqn] = torch.load(value, weights_only=True)
+            loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
             why = f"unpickling its value {fqn} would call more than numbers and strings ({e})"
             raise refusal(
                 self.folder / f"__*{TENSOR_FILE_SUFFIX}", " ".join(why.split())[:300]
             ) from None
+        if self.flatten_state_dict:  # as DefaultLoadPlanner: into the caller's nested dict
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
 
 
 def _one_process_is_intended() -> None:

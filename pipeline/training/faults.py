@@ -6,7 +6,10 @@ run at a named point.
 optimizer step (1-based, the step being computed):
   backward     SIGKILL after the gradients of the step are computed, before the optimizer
   optimizer    SIGKILL right after the optimizer step, before anything is logged or saved
-  checkpoint   SIGKILL while writing checkpoint <step>, after model.pt, before the rename
+  checkpoint   SIGKILL while completing checkpoint <step>: after every process's tensors are
+               written, before rng.pt, state.json and the rename
+  stall        sleeps STALL_S seconds while completing checkpoint <step> (a slow disk: the
+               save stays in flight while training goes on)
   nan          returns True: the caller makes the step's loss NaN (one step, or a range a-b)
 Unset, it costs one dictionary lookup per call.
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 ENV = "PIPELINE_FAULT"
+STALL_S = 3.0
 
 
 def _target() -> tuple[str, int, int] | None:
@@ -31,12 +36,16 @@ def _target() -> tuple[str, int, int] | None:
 
 def inject(point: str, step: int) -> bool:
     """Act on the fault named by PIPELINE_FAULT if it is `point` at `step`: kill the process
-    (SIGKILL, no cleanup, as a crash or an OOM kill) or, for `nan`, return True."""
+    (SIGKILL, no cleanup, as a crash or an OOM kill), for `stall` sleep STALL_S seconds, or,
+    for `nan`, return True."""
     target = _target()
     if target is None or target[0] != point or not target[1] <= step <= target[2]:
         return False
     if point == "nan":
         return True
+    if point == "stall":
+        time.sleep(STALL_S)
+        return False
     os.kill(os.getpid(), signal.SIGKILL)
     return False  # not reached
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline.training.checkpoint import list_checkpoints, model_tensors
+from pipeline.training.checkpoint_tensors import saved_state
 from pipeline.training.runlog import read_records
 
 TIMING = ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "mfu")
@@ -22,6 +23,21 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model state of a checkpoint folder, as saved."""
     return model_tensors(checkpoint)
+
+
+def optimizer_state(checkpoint: Path) -> dict:
+    """A checkpoint's optimizer state as saved: {"state": {name: {key: tensor}},
+    "param_groups": [...]}."""
+    state, groups = {}, {}
+    for key, value in saved_state(checkpoint, "optimizer.").items():
+        kind, _, rest = key.removeprefix("optimizer.").partition(".")
+        if kind == "state":
+            name, _, entry = rest.rpartition(".")
+            state.setdefault(name, {})[entry] = value
+        else:  # param_groups.<index>.<key>
+            index, _, entry = rest.partition(".")
+            groups.setdefault(int(index), {})[entry] = value
+    return {"state": state, "param_groups": [groups[i] for i in sorted(groups)]}
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
