@@ -141,6 +141,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(sample_shards, single, sharded, 
     assert_same_losses(records(run_dir, "train"), records(single, "train"))
 
 
+@pytest.mark.slow
 def test_fsdp_in_bf16_compiled_per_block_follows_the_one_process_run(
     sample_shards, single, tmp_path
 ):

@@ -157,7 +157,7 @@ def test_sharding_divides_the_states_by_world_size():
     assert sharded["gathered"] == 2 * (root + 2 * block)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_the_sharded_estimate_is_within_20_percent_of_a_measured_fsdp_step(precision):
     """Two gloo processes run the training step of FSDP2 (the MixedPrecisionPolicy with bf16)
     with two micro-batches of gradient accumulation under torch's FSDPMemTracker, which follows

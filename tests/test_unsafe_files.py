@@ -195,8 +195,9 @@ def plant_index_payload(checkpoint: Path, marker: Path) -> Path:
     "module,args",
     [
         ("train", []),
-        ("evaluate", ["eval_tokens=1024", "sample_tokens=0"]),
-        ("sample", ["prompt=Hello", "max_new_tokens=4"]),
+        # every loader verifies a checkpoint through the same scan (check_loads_safely):
+        pytest.param("evaluate", ["eval_tokens=1024", "sample_tokens=0"], marks=pytest.mark.slow),
+        pytest.param("sample", ["prompt=Hello", "max_new_tokens=4"], marks=pytest.mark.slow),
         ("hf", ["export", "RUN", "OUT", "--format", "hf"]),
     ],
 )

@@ -30,7 +30,6 @@ stops there instead of falling back to an older checkpoint.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -43,35 +42,31 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from pipeline.errors import CheckpointError, PipelineError, UnsafeFileError
 from pipeline.files import fsync_dir, fsync_tree, is_plain_name, sha256_file, write_failed
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint_tensors import (
+from pipeline.training.checkpoint_tensors import (  # noqa: F401 (some re-exported)
     METADATA,
+    MODEL,
+    OPTIMIZER,
     TENSOR_FILE_SUFFIX,
     TensorSaver,
+    load_format_1,
     load_tensor_state,
     read_metadata_safely,
     saved_state,
     tensor_files,
     tensor_state,
+    weights_sha256,
     when_done,
 )
 from pipeline.training.faults import inject
-from pipeline.training.optim import is_sharded, load_sharded_named_state
 from pipeline.training.rng import OLD_RNG_GLOBALS, rng_state, set_rng_state
 from pipeline.training.safe_load import RNG, UNSAFE_THEN, global_names, load_file, refused_file
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 STATE = "state.json"
-MODEL, OPTIMIZER = "model.pt", "optimizer.pt"
-"""The whole model's and optimizers' states of a format-1 checkpoint."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -414,7 +409,7 @@ def load_checkpoint(
     rng = load_file(path / RNG, allow=OLD_RNG_GLOBALS) if restore_rng else None
     try:
         if MODEL in state.get("files", {}):  # format 1: whole states, every process reads all
-            _load_whole(path, model, optimizer)
+            load_format_1(path, model, optimizer)
         else:
             load_tensor_state(path, model, optimizer)
     except CheckpointException as e:  # DCP's, from any process: the first one's error
@@ -445,30 +440,6 @@ def _does_not_fit(path: Path, error: BaseException) -> CheckpointError:
     )
 
 
-def _load_whole(path: Path, model: torch.nn.Module, optimizer: Optimizer | None) -> None:
-    """Load a format-1 checkpoint (model.pt, optimizer.pt: whole states keyed by parameter
-    name) into the model and optimizers, sharded or not."""
-    load = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, load_file(path / MODEL), options=load)
-    if optimizer is not None:
-        _load_optimizers(model, optimizer, load_file(path / OPTIMIZER), load)
-
-
-def _load_optimizers(
-    model: torch.nn.Module, optimizer: Optimizer, named: dict, options: StateDictOptions
-) -> None:
-    """Load a format-1 optimizer state (whole, keyed by parameter name) into the run's
-    optimizers: each rank's part into a ZeroRedundancyOptimizer, the rest through
-    set_optimizer_state_dict."""
-    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
-    for opt in optimizers:
-        if is_sharded(opt):
-            named = load_sharded_named_state(model, getattr(opt, "optimizer", opt), named)
-    plain = [opt for opt in optimizers if not is_sharded(opt)]
-    if plain:
-        set_optimizer_state_dict(model, plain, named, options=options)
-
-
 def model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model state of a checkpoint folder as saved (dtypes), whole and on the CPU, from
     either format, keyed as GPT.state_dict() (the tied lm_head.weight, which format 2 stores
@@ -486,19 +457,6 @@ def model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 TIED, TIED_TO = "transformer.wte.weight", "lm_head.weight"
 """GPT-2's tied embedding: lm_head.weight is transformer.wte.weight (pipeline.model)."""
-
-
-def weights_sha256(state: dict) -> str | None:
-    """A fingerprint of a checkpoint's tensors from its state.json (no file is read): model.pt's
-    sha256 (format 1), or the sha256 of the DCP files' names and sha256s (format 2, which hold
-    the optimizers' states too). None when state.json records no files. Two checkpoints with
-    the same fingerprint hold the same weights (the converse need not hold)."""
-    files = state.get("files", {})
-    if MODEL in files:
-        return files[MODEL]["sha256"]
-    tensors = sorted(f"{name} {meta['sha256']}\n" for name, meta in files.items()
-                     if name == METADATA or name.endswith(TENSOR_FILE_SUFFIX))  # fmt: skip
-    return hashlib.sha256("".join(tensors).encode()).hexdigest() if tensors else None
 
 
 def load_model(path: str | os.PathLike) -> tuple[GPT, Path, dict]:

@@ -21,6 +21,7 @@ for both, so a checkpoint from elsewhere cannot run code (UnsafeFileError).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pathlib
 import pickle
@@ -48,8 +49,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from pipeline.errors import CheckpointError
 from pipeline.training.optim import is_sharded, load_sharded_named_state
-from pipeline.training.safe_load import UNSAFE_THEN, refusal
+from pipeline.training.safe_load import UNSAFE_THEN, load_file, refusal
 
+MODEL, OPTIMIZER = "model.pt", "optimizer.pt"
+"""The whole model's and optimizers' states of a format-1 checkpoint (load_format_1)."""
 METADATA = ".metadata"
 """DCP's index of a checkpoint's tensors: which file and offset holds each slice."""
 TENSOR_FILE_SUFFIX = ".distcp"
@@ -341,3 +344,41 @@ def when_done(
 
     future.add_done_callback(chain)
     return out
+
+
+def load_format_1(path: Path, model: torch.nn.Module, optimizer: Optimizer | None) -> None:
+    """Load the tensors of a format-1 checkpoint (model.pt, optimizer.pt: whole states keyed by
+    parameter name, read weights-only) into the model and optimizers, sharded or not: every
+    process reads all of it. Raises UnsafeFileError, CheckpointError, RuntimeError (shapes)."""
+    load = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_file(path / MODEL), options=load)
+    if optimizer is not None:
+        _load_optimizers(model, optimizer, load_file(path / OPTIMIZER), load)
+
+
+def _load_optimizers(
+    model: torch.nn.Module, optimizer: Optimizer, named: dict, options: StateDictOptions
+) -> None:
+    """Load a format-1 optimizer state (whole, keyed by parameter name) into the run's
+    optimizers: each rank's part into a ZeroRedundancyOptimizer, the rest through
+    set_optimizer_state_dict."""
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+    for opt in optimizers:
+        if is_sharded(opt):
+            named = load_sharded_named_state(model, getattr(opt, "optimizer", opt), named)
+    plain = [opt for opt in optimizers if not is_sharded(opt)]
+    if plain:
+        set_optimizer_state_dict(model, plain, named, options=options)
+
+
+def weights_sha256(state: dict) -> str | None:
+    """A fingerprint of a checkpoint's tensors from its state.json (no file is read): model.pt's
+    sha256 (format 1), or the sha256 of the DCP files' names and sha256s (format 2, which hold
+    the optimizers' states too). None when state.json records no files. Two checkpoints with
+    the same fingerprint hold the same weights (the converse need not hold)."""
+    files = state.get("files", {})
+    if MODEL in files:
+        return files[MODEL]["sha256"]
+    tensors = sorted(f"{name} {meta['sha256']}\n" for name, meta in files.items()
+                     if name == METADATA or name.endswith(TENSOR_FILE_SUFFIX))  # fmt: skip
+    return hashlib.sha256("".join(tensors).encode()).hexdigest() if tensors else None
