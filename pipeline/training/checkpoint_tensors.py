@@ -246,13 +246,7 @@ def load_tensor_state(folder: Path, model: torch.nn.Module, optimizer: Optimizer
     set_model_state_dict(model, target["model"], options=StateDictOptions(strict=False))
     # (not strict: a tied parameter's second name is not saved; DCP has checked every key)
     if optimizers:
-        named = target["optimizer"]
-        for opt in optimizers:
-            if is_sharded(opt):
-                named = load_sharded_named_state(model, getattr(opt, "optimizer", opt), named)
-        plain = [opt for opt in optimizers if not is_sharded(opt)]
-        if plain:
-            set_optimizer_state_dict(model, plain, named)
+        load_named_optimizer_state(model, optimizers, target["optimizer"], StateDictOptions())
 
 
 def _zero_target(folder: Path, model: torch.nn.Module, optimizers: list) -> dict:
@@ -353,16 +347,16 @@ def load_format_1(path: Path, model: torch.nn.Module, optimizer: Optimizer | Non
     load = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, load_file(path / MODEL), options=load)
     if optimizer is not None:
-        _load_optimizers(model, optimizer, load_file(path / OPTIMIZER), load)
+        load_named_optimizer_state(model, optimizer, load_file(path / OPTIMIZER), load)
 
 
-def _load_optimizers(
+def load_named_optimizer_state(
     model: torch.nn.Module, optimizer: Optimizer, named: dict, options: StateDictOptions
 ) -> None:
-    """Load a format-1 optimizer state (whole, keyed by parameter name) into the run's
-    optimizers: each rank's part into a ZeroRedundancyOptimizer, the rest through
-    set_optimizer_state_dict."""
-    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+    """Load an optimizer state keyed by parameter name (format 1's whole one, or what
+    load_tensor_state read) into the run's optimizers: each rank's part into a
+    ZeroRedundancyOptimizer, the rest through set_optimizer_state_dict."""
+    optimizers = _optimizers(optimizer)
     for opt in optimizers:
         if is_sharded(opt):
             named = load_sharded_named_state(model, getattr(opt, "optimizer", opt), named)

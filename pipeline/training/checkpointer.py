@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ class Checkpointer:
     """The run's resolved TrainConfig, recorded in every checkpoint."""
     accelerator: Accelerator
     fsdp: bool
-    """Each process holds a shard of the model: gathering the full state is collective."""
+    """Each process holds a shard of the model (its weights differ from the others' by design)."""
     say: Callable[[str], None]
     """Prints a line on the main process (pipeline.training.reporter.main_print)."""
     timeout_s: float = 1800.0
@@ -74,9 +73,7 @@ class Checkpointer:
     in_flight: tuple[Path, Future] | None = None
     """The save not yet waited for: its folder and the future of its completion."""
     announced: bool = False
-    """The save in flight was printed as saved (poll)."""
-    blocked_s: float = 0.0
-    """Seconds the last save held the training loop (wait for the previous one, staging)."""
+    """The save in flight was printed as saved (_announce)."""
 
     def due(self, step: int) -> bool:
         """Whether to checkpoint after `step` steps: every checkpoint.interval, at the end and,
@@ -283,9 +280,8 @@ class Checkpointer:
         """Checkpoint the run at state.step (collective): every process writes its own tensors,
         in the background under checkpoint.async_save once they are staged, and the main
         process completes the folder. A save still in flight completes first (wait). Returns
-        the checkpoint's folder (complete once wait() returns); blocked_s holds the seconds
-        the training loop was held."""
-        started, acc = time.perf_counter(), self.accelerator
+        the checkpoint's folder (complete once wait() returns)."""
+        acc = self.accelerator
         self.wait()
         if self.saver is None:  # collective (the background's own process group)
             self.saver = TensorSaver(self.cfg.async_save, acc.device, self.timeout_s)
@@ -311,7 +307,6 @@ class Checkpointer:
             save_checkpoint, self.run_dir, state.step, model, optimizer.raw, meta,
             self.cfg.keep_last, rng, self.saver))  # fmt: skip
         self.in_flight, self.announced = (path, done), False
-        self.blocked_s = time.perf_counter() - started
         if not self.cfg.async_save:
             self.wait()
         return path
@@ -325,17 +320,21 @@ class Checkpointer:
             return None
         (path, done), self.in_flight = self.in_flight, None
         self._everywhere(done.result)
-        if not self.announced:
-            self.say(f"saved checkpoint {path}")
+        self._announce(path)
         return path
 
     def poll(self) -> None:
         """Print the save in flight once the main process has completed it (no waiting, no
         collective: wait() still checks every process)."""
-        if self.in_flight is not None and self.in_flight[1].done() and not self.announced:
-            self.announced = True
+        if self.in_flight is not None and self.in_flight[1].done():
             if self.in_flight[1].exception() is None:
-                self.say(f"saved checkpoint {self.in_flight[0]}")
+                self._announce(self.in_flight[0])
+
+    def _announce(self, path: Path) -> None:
+        """Print the save in flight as saved, once."""
+        if not self.announced:
+            self.announced = True
+            self.say(f"saved checkpoint {path}")
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -350,8 +349,7 @@ class Checkpointer:
             elif self.in_flight is not None:
                 try:
                     self.in_flight[1].result()
-                    if not self.announced:
-                        self.say(f"saved checkpoint {self.in_flight[0]}")
+                    self._announce(self.in_flight[0])
                 except BaseException as e:  # noqa: BLE001 - the run's own error goes on
                     self.say(f"warning: the checkpoint in flight was not written ({e})")
                 self.in_flight = None
