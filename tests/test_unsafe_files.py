@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from helpers.proc import run_module
-from helpers.runs import final_weights
+from helpers.runs import final_weights, optimizer_state
 from helpers.tiny import tiny_run, train_config
 from torch.distributed.checkpoint import FileSystemWriter
 
@@ -37,6 +37,7 @@ from pipeline.training.checkpoint import (
     list_checkpoints,
     load_file,
     load_newest_good,
+    model_tensors,
 )
 from pipeline.training.checkpoint_tensors import METADATA, SafeReader, saved_state, tensor_files
 from pipeline.training.loop import train
@@ -337,6 +338,45 @@ def test_an_rng_file_of_the_earlier_format_resumes_the_same_run(trained, runs, s
     assert "resuming from" in done.stdout
     expected, resumed = final_weights(trained / "run"), final_weights(runs / "run")
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def as_format_1(checkpoint: Path) -> None:
+    """Rewrite a checkpoint folder as format 1 (before DCP) wrote it: model.pt, the whole model
+    state (the tied lm_head.weight under both names); optimizer.pt, the whole optimizer state
+    keyed by parameter name; rng.pt; state.json without "format", listing those three files."""
+    model, named = model_tensors(checkpoint), optimizer_state(checkpoint)
+    for name in tensor_files(checkpoint):
+        (checkpoint / name).unlink()
+    torch.save(model, checkpoint / MODEL)
+    torch.save(named, checkpoint / OPTIMIZER)
+    state = json.loads((checkpoint / STATE).read_text())
+    del state["format"]
+    state["files"] = {}
+    for name in (MODEL, OPTIMIZER, RNG):
+        data = (checkpoint / name).read_bytes()
+        state["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / STATE).write_text(json.dumps(state))
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_the_same_run(trained, runs, sample_shards):
+    """Checkpoints written before DCP (model.pt, optimizer.pt) still resume: from step 2 in that
+    format, the same weights at step 4 as the uninterrupted run."""
+    shutil.rmtree(checkpoint_dir(runs / "run", 4))
+    step2 = checkpoint_dir(runs / "run", 2)
+    as_format_1(step2)
+    assert not list(step2.glob("*.distcp")) and not (step2 / METADATA).exists()
+    done = run_module("train", *overrides(sample_shards, runs), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {step2}" in done.stdout
+    expected, resumed = final_weights(trained / "run"), final_weights(runs / "run")
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    step4 = checkpoint_dir(runs / "run", 4)
+    expected_state, resumed_state = (
+        optimizer_state(checkpoint_dir(trained / "run", 4)),
+        optimizer_state(step4),
+    )
+    for name, saved in expected_state["state"].items():
+        assert all(torch.equal(saved[k], resumed_state["state"][name][k]) for k in saved), name
 
 
 def test_rng_states_of_the_wrong_kind_are_one_line(runs, sample_shards, tmp_path):

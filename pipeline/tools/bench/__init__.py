@@ -27,6 +27,10 @@
 - fsdp-memory: the peak memory of one of two processes running FSDP2 training steps (gloo, CPU),
   measured with torch's FSDPMemTracker, against the analytic estimate, for GPT-2 124M (fp32 and
   bf16) and 350M (minutes; not in the default run).
+- checkpoint: seconds a save blocks training (format 1, the whole state written by rank 0,
+  against DCP synchronous and asynchronous), total save time, resume time and peak memory per
+  process on resume, for GPT-2 124M and 350M with AdamW and Muon on 1 and 2 processes (gloo,
+  CPU; minutes; not in the default run).
 
 The data come from $FINEWEB_SAMPLE and $TIKTOKEN_CACHE_DIR, by default under $SHARED_DATA or
 `../shared/data` beside the repository (as in tests/conftest.py). The output file keeps one
@@ -35,8 +39,8 @@ the others; a run of some (--only) replaces only their parts of that section, ea
 of its date, command and load. Nothing runs at import time.
 
 One module per benchmark (prepare, loader, train, loss, memory, sample, compiling, muon,
-fsdp_memory: each measures and renders its section) on `host` (the machine), `child` (fresh
-processes) and `render` (BENCHMARKS.md); this one is the command line.
+fsdp_memory, checkpoint: each measures and renders its section) on `host` (the machine),
+`child` (fresh processes) and `render` (BENCHMARKS.md); this one is the command line.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from pipeline.config import COMPILE_MODES
 from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.files import write_text_atomic
 from pipeline.model import PRESETS
+from pipeline.tools.bench.checkpoint import bench_checkpoint, render_checkpoint
 from pipeline.tools.bench.compiling import bench_compile, render_compile
 from pipeline.tools.bench.fsdp_memory import bench_fsdp_memory, render_fsdp_memory
 from pipeline.tools.bench.host import (
@@ -83,7 +88,7 @@ from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
 from pipeline.tools.bench.train import bench_train, render_train
 
 BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile", "muon",
-           "fsdp-memory")  # fmt: skip
+           "fsdp-memory", "checkpoint")  # fmt: skip
 DEFAULT = ("prepare", "loader", "train", "loss", "memory", "sample")
 """What `python -m pipeline.bench` runs without --only."""
 
@@ -209,6 +214,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     compiled = bench_compile() if "compile" in benches else []
     muon = bench_muon() if "muon" in benches else []
     fsdp_memory = bench_fsdp_memory() if "fsdp-memory" in benches else []
+    saves = bench_checkpoint() if "checkpoint" in benches else []
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
@@ -218,6 +224,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     parts += [render_compile(compiled)] if compiled else []
     parts += [render_muon(muon)] if muon else []
     parts += [render_fsdp_memory(fsdp_memory)] if fsdp_memory else []
+    parts += [render_checkpoint(saves)] if saves else []
     return parts
 
 

@@ -69,10 +69,19 @@ def child_main(task: str, params_json: str) -> None:
     """Entry point of a child process: run one task (prepare, train, compile, muon) and print its
     result as one JSON line."""
     # Imported here: the task modules import run_child from this one.
-    from pipeline.tools.bench import compiling, fsdp_memory, muon, prepare, train
+    from pipeline.tools.bench import (
+        checkpoint,
+        compiling,
+        fsdp_memory,
+        muon,
+        prepare,
+        train,
+    )
 
     tasks = {"prepare": prepare.prepare_child, "train": train.train_child,
              "compile": compiling.compile_child, "muon": muon.muon_child,
-             "fsdp_memory": fsdp_memory.fsdp_memory_child}  # fmt: skip
+             "fsdp_memory": fsdp_memory.fsdp_memory_child,
+             "checkpoint_save": checkpoint.checkpoint_save_child,
+             "checkpoint_resume": checkpoint.checkpoint_resume_child}  # fmt: skip
     result = tasks[task](json.loads(params_json))
     print(RESULT_MARK + json.dumps(result), flush=True)
