@@ -12,6 +12,7 @@ ARGS ?=
 SHARDS ?= $(SOURCE)
 SHARDS_REPO ?=
 CHECKPOINT_REPO ?=
+MIRROR ?=
 STEP ?=
 MODEL ?= gpt2
 TOKENS ?= 10e9
@@ -37,7 +38,7 @@ DEMO_PREPARE := $(DEMO_SOURCE) name=demo shard_size=1000000 val_tokens=250000 so
 DEMO_ENV := $(if $(FINEWEB_SAMPLE),HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
 .PHONY: help setup setup-gpu demo prepare train train-auto resume evaluate test lint format clean \
-	upload-shards download-shards push-checkpoint pull-checkpoint max-batch memory cost sweep plot \
+	train-nodes upload-shards download-shards push-checkpoint pull-checkpoint max-batch memory cost sweep plot \
 	sample hellaswag gpt2-hellaswag export push-hf bench compare lm-eval test-gpu preflight
 
 help: ## List the targets
@@ -70,7 +71,7 @@ demo: $(VENV)/.installed ## End to end on the FineWeb sample: prepare, train the
 prepare: $(VENV)/.installed ## Tokenize SOURCE into shards/<name>/ (ARGS: more overrides)
 	$(PYTHON) -m pipeline.prepare source=$(SOURCE) $(ARGS)
 
-TRAIN_ARGS = $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) $(ARGS)
+TRAIN_ARGS = $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) $(if $(MIRROR),checkpoint.mirror=$(MIRROR)) $(ARGS)
 ifeq ($(NPROC),1)
 TRAIN = $(PYTHON) -m pipeline.train
 else
@@ -82,6 +83,9 @@ train: $(VENV)/.installed ## Train or continue (EXPERIMENT: conf/experiment/<nam
 
 train-auto: $(VENV)/.installed ## Train, restarting after preemption or a crash until the run is complete
 	bash launch/auto_resume.sh $(TRAIN) $(TRAIN_ARGS)
+
+train-nodes: $(VENV)/.installed ## One node of a multi-node run (MAIN_ADDR, NNODES, NODE_RANK set; launch/train_multi_node.sh)
+	bash launch/train_multi_node.sh $(TRAIN_ARGS)
 
 resume: $(VENV)/.installed ## Continue EXPERIMENT from its newest checkpoint (fails if it has none)
 	$(TRAIN) $(TRAIN_ARGS) checkpoint.resume=latest

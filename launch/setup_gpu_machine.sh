@@ -37,7 +37,7 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "$TORCH_SPEC"   # PyPI's Linux wheels are the CUDA builds
-.venv/bin/pip install -q -e '.[dev,gpu]'   # gpu: liger-kernel (runtime.loss_impl=liger)
+.venv/bin/pip install -q -e '.[dev,gpu,mirror]'   # gpu: liger-kernel; mirror: s3fs, gcsfs
 touch .venv/.installed
 .venv/bin/python - <<'PY'
 import torch

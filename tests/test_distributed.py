@@ -346,19 +346,25 @@ def launch_two_nodes(
     return done
 
 
-def test_two_nodes_resume_and_follow_one_process(sample_shards, single, double, tmp_path):
-    """The multi-node launcher for real: two nodes resume the 2-process run from step 2 (the
-    checkpoint node 0 chooses, which node 1 reads too) and end as the one-process run."""
-    run_dir = tmp_path / "two"
-    shutil.copytree(double[0], run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
-    args = overrides(sample_shards, tmp_path, "two")
+def test_two_nodes_resume_from_the_mirror_and_follow_one_process(sample_shards, single, double,
+                                                                  tmp_path):  # fmt: skip
+    """The multi-node launcher for real, on new machines: runs/ is empty and the 2-process
+    run's step 2 is in its checkpoint mirror. Node 0 pulls it into runs/ (storage both nodes
+    read), both resume from it (node 1 checks that it reads the one node 0 chose) and end as
+    the one-process run."""
+    run_dir, mirror = tmp_path / "two", tmp_path / "mirror"
+    shutil.copytree(double[0] / "checkpoints" / "step_0000002",
+                    mirror / "checkpoints" / "two" / "step_0000002")  # fmt: skip
+    args = overrides(sample_shards, tmp_path, "two") + [f"checkpoint.mirror={mirror}"]
     nodes = launch_two_nodes([args, args])
     assert [n.returncode for n in nodes] == [0, 0], (
         nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
     )
-    assert "resuming from" in nodes[0].stdout
-    assert_same_losses(records(run_dir, "train"), records(single, "train"))
+    assert f"pulled checkpoint {mirror}/checkpoints/two/step_0000002" in nodes[0].stdout
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_0000002'}" in nodes[0].stdout
+    assert (mirror / "checkpoints" / "two" / "step_0000004" / "state.json").is_file()
+    after = [r for r in records(single, "train") if r["step"] > 2]  # metrics.jsonl: new machine
+    assert_same_losses(records(run_dir, "train"), after)
     state = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
     assert state["world_size"] == 2 and state["replicas_agree"] is True
 

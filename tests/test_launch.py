@@ -6,11 +6,13 @@ launcher runs for real in test_distributed."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers.env import process_env
 from helpers.paths import REPO
 
@@ -23,6 +25,35 @@ SCRIPTS = sorted((REPO / "launch").glob("*.sh")) + [REPO / "launch" / "slurm.sba
 def test_every_launch_script_parses(script):
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+SKY_TASKS = sorted((REPO / "launch" / "sky").glob("*.yaml"))
+
+
+def make_targets() -> set[str]:
+    """The targets the Makefile defines (`name: ...` at the start of a line)."""
+    text = (REPO / "Makefile").read_text()
+    return {m.group(1) for m in re.finditer(r"^([a-z][a-z0-9-]*):", text, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("task", SKY_TASKS, ids=lambda p: p.name)
+def test_the_skypilot_tasks_parse_and_run_what_the_makefile_has(task):
+    """Each SkyPilot task: YAML with the keys a managed spot job needs (recovery from
+    preemption, exit 75 always recovered), setup and run scripts that bash parses, and every
+    `make` target they call defined in the Makefile, the mirror passed to the training."""
+    spec = yaml.safe_load(task.read_text())
+    resources = spec["resources"]
+    assert resources["use_spot"] is True and resources["accelerators"].startswith("H100:")
+    assert resources["job_recovery"]["recover_on_exit_codes"] == [75]
+    assert {"EXPERIMENT", "MIRROR"} <= set(spec["envs"]) and spec["workdir"] == "."
+    called = set()
+    for part in ("setup", "run"):
+        done = subprocess.run(["bash", "-n"], input=spec[part], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        called |= set(re.findall(r"\bmake ([a-z][a-z0-9-]*)", spec[part]))
+    assert called and called <= make_targets(), called - make_targets()
+    assert 'MIRROR="$MIRROR"' in spec["run"] and "setup-gpu" in called
+    assert called & {"train-auto", "train-nodes"}
 
 
 def test_a_launched_config_error_exits_2_not_torchruns_1():

@@ -217,6 +217,24 @@ class EvalConfig:
         return out
 
 
+def mirror_problem(url: str) -> str | None:
+    """Why fsspec cannot open a checkpoint.mirror URL (an unknown protocol, its package not
+    installed), or None. Opens no connection."""
+    import fsspec
+
+    if not url.strip():
+        return "empty: give a URL, or null for no mirror"
+    try:
+        fsspec.core.url_to_fs(url)
+    except ImportError as e:  # e.g. s3:// without s3fs
+        return (f"{' '.join(str(e).split())[:200]} (pip install s3fs for s3://, gcsfs for "
+                "gs://)")  # fmt: skip
+    except (ValueError, TypeError) as e:
+        return (f"not a URL fsspec can open ({e}); use a folder, s3://bucket/prefix, "
+                "gs://bucket/prefix or hf://models/<repo_id>")  # fmt: skip
+    return None
+
+
 @dataclass
 class CheckpointConfig:
     """When checkpoints are written, how many are kept, and where a run continues from
@@ -233,6 +251,13 @@ class CheckpointConfig:
     """Write checkpoints in the background: training waits only while the states are copied
     to host memory (torch.distributed.checkpoint.async_save), and a save in flight completes
     before the run ends or stops; false waits for every file."""
+    mirror: str | None = None
+    """Copy every complete checkpoint to this fsspec URL in the background (a folder,
+    s3://bucket/prefix, gs://..., hf://models/<repo_id>), rotated as the local ones, and resume
+    from it when it is newer than the local checkpoints (pipeline.training.mirror); null: off."""
+    mirror_timeout_s: float = 600.0
+    """At the end of a run or on preemption, wait at most this long (seconds) for the upload in
+    flight."""
 
     def problems(self) -> list[str]:
         out = []
@@ -240,6 +265,11 @@ class CheckpointConfig:
             out.append(f"checkpoint.interval={self.interval} must be >= 0")
         if self.keep_last < 1:
             out.append(f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        why = mirror_problem(self.mirror) if self.mirror is not None else None
+        if why:
+            out.append(f"checkpoint.mirror={self.mirror}: {why}")
+        if self.mirror_timeout_s < 0:
+            out.append(f"checkpoint.mirror_timeout_s={self.mirror_timeout_s} must be >= 0")
         return out
 
 

@@ -36,16 +36,11 @@ from huggingface_hub import constants as hf_constants
 
 from pipeline.data.shards import MANIFEST, listed_shards, shard_problems, verify_shard_folder
 from pipeline.errors import CheckpointError, HubError, ShardError, UnsafeFileError
-from pipeline.files import fsync_dir, is_plain_name
+from pipeline.files import is_plain_name
 from pipeline.interop.hub_errors import RETRY_HINT, hub_errors, require_token
-from pipeline.training.checkpoint import (
-    STATE,
-    STEP_DIR,
-    check_loads_safely,
-    checkpoint_dir,
-    read_state,
-    verify_checksums,
-)
+from pipeline.training.checkpoint import STATE, STEP_DIR, checkpoint_dir, read_state
+from pipeline.training.mirror import checkpoint_files
+from pipeline.training.mirror import install_checkpoint as install
 
 DOWNLOAD_DIR = ".hub_download"
 """Staging folder of a checkpoint pull, inside `<run>/checkpoints/` (not a `step_*` name)."""
@@ -84,12 +79,6 @@ def remote_datasets(remote_files: Iterable[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------ checkpoints: pure logic
-
-
-def checkpoint_files(state: dict) -> list[str]:
-    """Files of a checkpoint in upload order: those state.json records, then state.json last
-    (its presence marks a complete checkpoint)."""
-    return [*sorted(state.get("files", {})), STATE]
 
 
 def checkpoint_run_name(path: str | os.PathLike, state: dict) -> str:
@@ -139,25 +128,16 @@ def choose_step(steps: Sequence[int], step: int | None, where: str) -> int:
 
 def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step: int) -> None:
     """Move a downloaded checkpoint folder to `final` (e.g. `runs/<run>/checkpoints/step_N`)
-    after read_state and its checksums accept it, its step is `step` and no file names code to
-    run when loaded (check_loads_safely); `final` appears complete or not at all. Raises
-    HubError for an incomplete download or another step, UnsafeFileError for such a file."""
-    staged, final = Path(staged), Path(final)
+    once it checks out (pipeline.training.mirror.install_checkpoint: sizes, sha256, its step,
+    no file that names code to run); `final` appears complete or not at all. Raises HubError
+    for an incomplete download or another step, UnsafeFileError for such a file."""
     try:
-        state = read_state(staged)
-        verify_checksums(staged, state)
-        check_loads_safely(staged, "it was not installed and the download was deleted: "
-                                   "pull from a repo you trust")  # fmt: skip
+        install(staged, final, step, "it was not installed and the download was deleted: "
+                                     "pull from a repo you trust")  # fmt: skip
     except UnsafeFileError:
-        shutil.rmtree(staged, ignore_errors=True)
         raise
     except CheckpointError as e:
         raise HubError(f"the downloaded checkpoint is incomplete ({e}); {RETRY_HINT}") from None
-    if state.get("step") != step:
-        raise HubError(f"{staged}: state.json says step {state.get('step')}, expected {step}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, final)
-    fsync_dir(final.parent)
 
 
 # --------------------------------------------------------------------------- hub calls

@@ -220,18 +220,25 @@ def rotate(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     decay); returns the deleted folders. Runs only after a new checkpoint is complete, so the
     newest good checkpoint is never among them."""
     found = list_checkpoints(run_dir)
-    keep = set(found[-keep_last:])
-    states = {p: _state(p) for p in found}
-    scored = [(v, p) for p in found if (v := states[p].get("val_loss")) is not None]
-    if scored:
-        keep.add(min(scored)[1])
-    extendable = [p for p in found if states[p].get("extendable")]
-    if extendable:
-        keep.add(extendable[-1])
-    deleted = [p for p in found if p not in keep]
+    keep = keep_by_rotation({i: _state(p) for i, p in enumerate(found)}, keep_last)
+    deleted = [p for i, p in enumerate(found) if i not in keep]
     for p in deleted:
         shutil.rmtree(p, ignore_errors=True)
     return deleted
+
+
+def keep_by_rotation(states: dict[int, dict], keep_last: int) -> set[int]:
+    """Which checkpoints rotation keeps, by key (ordered as their steps) to state.json: the
+    newest keep_last, the lowest val_loss and the newest `extendable`."""
+    order = sorted(states)
+    keep = set(order[-keep_last:])
+    scored = [(v, k) for k in order if (v := states[k].get("val_loss")) is not None]
+    if scored:
+        keep.add(min(scored)[1])
+    extendable = [k for k in order if states[k].get("extendable")]
+    if extendable:
+        keep.add(extendable[-1])
+    return keep
 
 
 def _state(path: Path) -> dict:

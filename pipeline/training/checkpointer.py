@@ -31,6 +31,7 @@ from pipeline.training.checkpoint import (
     verify,
 )
 from pipeline.training.checkpoint_tensors import TensorSaver
+from pipeline.training.mirror import Mirror
 from pipeline.training.optim import Optimizers
 from pipeline.training.rng import rng_state
 from pipeline.training.state import RunState, every
@@ -74,6 +75,12 @@ class Checkpointer:
     """The save not yet waited for: its folder and the future of its completion."""
     announced: bool = False
     """The save in flight was printed as saved (_announce)."""
+    mirror: Mirror | None = None
+    """The copy off the machine (checkpoint.mirror), on the main process; None without one."""
+
+    def __post_init__(self) -> None:
+        if self.cfg.mirror and self.accelerator.is_main_process:
+            self.mirror = Mirror(self.cfg.mirror, self.run_dir, self.cfg.keep_last, self.say)
 
     def due(self, step: int) -> bool:
         """Whether to checkpoint after `step` steps: every checkpoint.interval, at the end and,
@@ -89,12 +96,14 @@ class Checkpointer:
 
         checkpoint.resume: auto -> the newest checkpoint that loads and passes check (a
         truncated or corrupt one is reported and skipped; so is one that check refuses), a new
-        run if there is none; latest -> the same, but one must exist; never -> a new run,
-        refusing a run folder with checkpoints; else a checkpoint folder path. Raises
-        CheckpointError (also when the loader's position belongs to other data, another seed or
-        block_size), or ConfigError when the checkpoints cannot continue this run (check), or,
-        before any tensor is loaded, when the checkpoint was trained with another model.*,
-        block size or trainer.seed, or on other data (unless data.allow_other_data)."""
+        run if there is none; with checkpoint.mirror, a mirrored checkpoint newer than every
+        local one is pulled into the run folder first (pipeline.training.mirror); latest -> the
+        same, but one must exist; never -> a new run, refusing a run folder with checkpoints;
+        else a checkpoint folder path. Raises CheckpointError (also when the loader's position
+        belongs to other data, another seed or block_size), or ConfigError when the checkpoints
+        cannot continue this run (check), or, before any tensor is loaded, when the checkpoint
+        was trained with another model.*, block size or trainer.seed, or on other data (unless
+        data.allow_other_data)."""
         if self.accelerator.is_main_process:
             remove_unfinished(self.run_dir)
         self.accelerator.wait_for_everyone()
@@ -183,6 +192,8 @@ class Checkpointer:
             self._from_main(functools.partial(self._refuse_checkpoints, run_dir))
             return None, None
         if resume in ("auto", "latest"):
+            if self.cfg.mirror:  # a newer mirrored checkpoint first (a machine was lost)
+                self._from_main(self._pull)
             name = self._from_main(functools.partial(self._choose, check))
             if name is None:
                 return None, None
@@ -194,6 +205,12 @@ class Checkpointer:
         saved = load_checkpoint(path, model, optimizer.raw, rank=self.accelerator.process_index,
                                 verified=True)  # fmt: skip
         return path, saved
+
+    def _pull(self) -> None:
+        """On the main process: install the mirror's newest checkpoint if it is newer than
+        every local one (Mirror.pull)."""
+        assert self.mirror is not None
+        self.mirror.pull()
 
     def _refuse_checkpoints(self, run_dir: Path) -> None:
         if list_checkpoints(run_dir):
@@ -335,6 +352,8 @@ class Checkpointer:
         if not self.announced:
             self.announced = True
             self.say(f"saved checkpoint {path}")
+            if self.mirror is not None:
+                self.mirror.submit(path)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -356,6 +375,8 @@ class Checkpointer:
         finally:
             if self.saver is not None:
                 self.saver.close()
+            if self.mirror is not None:
+                self.mirror.close(self.cfg.mirror_timeout_s)
 
     def _replicas_agree(self, model: GPT) -> bool | None:
         """Whether every process holds the same weights, as data parallelism promises: per

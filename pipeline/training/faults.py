@@ -10,6 +10,9 @@ optimizer step (1-based, the step being computed):
                written, before rng.pt, state.json and the rename
   stall        sleeps STALL_S seconds while completing checkpoint <step> (a slow disk: the
                save stays in flight while training goes on)
+  mirror       SIGKILL while checkpoint <step> is uploaded to checkpoint.mirror, after its
+               first file
+  mirror_stall sleeps STALL_S seconds there (a slow upload)
   nan          returns True: the caller makes the step's loss NaN (one step, or a range a-b)
 Unset, it costs one dictionary lookup per call.
 """
@@ -43,7 +46,7 @@ def inject(point: str, step: int) -> bool:
         return False
     if point == "nan":
         return True
-    if point == "stall":
+    if point in ("stall", "mirror_stall"):
         time.sleep(STALL_S)
         return False
     os.kill(os.getpid(), signal.SIGKILL)

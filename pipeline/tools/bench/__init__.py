@@ -31,6 +31,8 @@
   against DCP synchronous and asynchronous), total save time, resume time and peak memory per
   process on resume, for GPT-2 124M and 350M with AdamW and Muon on 1 and 2 processes (gloo,
   CPU; minutes; not in the default run).
+- mirror: the seconds the training loop waits per checkpoint handed to checkpoint.mirror, against
+  a step of the demo's run, with and without the mirror (a local folder; not in the default run).
 
 The data come from $FINEWEB_SAMPLE and $TIKTOKEN_CACHE_DIR, by default under $SHARED_DATA or
 `../shared/data` beside the repository (as in tests/conftest.py). The output file keeps one
@@ -39,7 +41,7 @@ the others; a run of some (--only) replaces only their parts of that section, ea
 of its date, command and load. Nothing runs at import time.
 
 One module per benchmark (prepare, loader, train, loss, memory, sample, compiling, muon,
-fsdp_memory, checkpoint: each measures and renders its section) on `host` (the machine),
+fsdp_memory, checkpoint, mirror: each measures and renders its section) on `host` (the machine),
 `child` (fresh processes) and `render` (BENCHMARKS.md); this one is the command line.
 """
 
@@ -69,6 +71,7 @@ from pipeline.tools.bench.host import (
 from pipeline.tools.bench.loader import LOADER_SHAPES, bench_loader, render_loader
 from pipeline.tools.bench.loss import LOSS_CASES, bench_loss, render_loss
 from pipeline.tools.bench.memory import bench_memory, render_memory
+from pipeline.tools.bench.mirror import bench_mirror, render_mirror
 from pipeline.tools.bench.muon import bench_muon, render_muon
 from pipeline.tools.bench.prepare import (
     bench_prepare,
@@ -88,7 +91,7 @@ from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
 from pipeline.tools.bench.train import bench_train, render_train
 
 BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile", "muon",
-           "fsdp-memory", "checkpoint")  # fmt: skip
+           "fsdp-memory", "checkpoint", "mirror")  # fmt: skip
 DEFAULT = ("prepare", "loader", "train", "loss", "memory", "sample")
 """What `python -m pipeline.bench` runs without --only."""
 
@@ -190,7 +193,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
         docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
         prep = bench_prepare(docs, source, work, settings.rounds, settings.scales)
         shard_dir = Path(prep.shard_dir)
-    elif {"loader", "train", "loss"} & set(benches):
+    elif {"loader", "train", "loss", "mirror"} & set(benches):
         docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
         shard_dir = make_shards(docs, source, work)
     shapes = tuple(dict.fromkeys([*LOADER_SHAPES, (args.micro_batch_size, args.block_size)]))
@@ -215,6 +218,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     muon = bench_muon() if "muon" in benches else []
     fsdp_memory = bench_fsdp_memory() if "fsdp-memory" in benches else []
     saves = bench_checkpoint() if "checkpoint" in benches else []
+    mirrored = bench_mirror(shard_dir, work) if "mirror" in benches else None
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
@@ -225,6 +229,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     parts += [render_muon(muon)] if muon else []
     parts += [render_fsdp_memory(fsdp_memory)] if fsdp_memory else []
     parts += [render_checkpoint(saves)] if saves else []
+    parts += [render_mirror(mirrored)] if mirrored else []
     return parts
 
 

@@ -73,6 +73,7 @@ def child_main(task: str, params_json: str) -> None:
         checkpoint,
         compiling,
         fsdp_memory,
+        mirror,
         muon,
         prepare,
         train,
@@ -82,6 +83,7 @@ def child_main(task: str, params_json: str) -> None:
              "compile": compiling.compile_child, "muon": muon.muon_child,
              "fsdp_memory": fsdp_memory.fsdp_memory_child,
              "checkpoint_save": checkpoint.checkpoint_save_child,
-             "checkpoint_resume": checkpoint.checkpoint_resume_child}  # fmt: skip
+             "checkpoint_resume": checkpoint.checkpoint_resume_child,
+             "mirror": mirror.mirror_child}  # fmt: skip
     result = tasks[task](json.loads(params_json))
     print(RESULT_MARK + json.dumps(result), flush=True)
