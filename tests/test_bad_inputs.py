@@ -107,6 +107,7 @@ def test_loader_names_the_shard_size_not_the_split(sample_shards):
 # --------------------------------------------------------------------------- item 9: bad files
 
 
+@pytest.mark.slow
 def test_broken_json_line_names_the_file_and_line_and_the_fixed_file_continues(
     fineweb_sample, tmp_path
 ):
@@ -145,6 +146,7 @@ def test_broken_json_line_names_the_file_and_line_and_the_fixed_file_continues(
     assert folder_bytes(out / "docs") == reference(tmp_path / "ref", [good, bad])
 
 
+@pytest.mark.slow
 def test_text_file_not_utf8_names_the_byte_offset_and_the_fixed_file_continues(
     fineweb_sample, tmp_path
 ):

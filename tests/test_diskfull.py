@@ -93,6 +93,7 @@ def test_disk_full_while_checkpointing(sample_shards, small_disk):
     assert list_checkpoints(run)[-1].name == "step_0000003"
 
 
+@pytest.mark.slow
 def test_disk_full_while_appending_metrics_keeps_complete_records(sample_shards, small_disk):
     """32 KiB left, no checkpoints: metrics.jsonl fills the disk after some steps; it keeps
     only whole records (the part of the record being written is cut off again)."""

@@ -80,6 +80,7 @@ def test_killed_run_resumes_to_the_same_weights(sample_shards, reference, tmp_pa
     assert_identical(tmp_path / "run", reference)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_for_a_restart(sample_shards, reference, tmp_path):
     args = overrides(sample_shards, tmp_path) + ["checkpoint.interval=0"]
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -77,6 +77,7 @@ def run_dir(sample_shards, tmp_path_factory) -> Path:
     return runs / "run"
 
 
+@pytest.mark.slow
 def test_a_local_hellaswag_task_scores_the_newest_checkpoint(run_dir, task_yaml, items):
     done = run_module("lm_eval", str(run_dir), "--tasks", str(task_yaml), "--limit", str(LIMIT),
                       "--batch-size", "8", "--device", "cpu")  # fmt: skip

@@ -81,7 +81,7 @@ def mirror_url(kind: str, tmp_path: Path) -> str:
 
 
 def mirrored(url: str, run_dir: Path) -> Mirror:
-    return Mirror(url, run_dir, keep_last=1, say=print)
+    return Mirror(url, run_dir, run_dir.name, keep_last=1, say=print)
 
 
 @pytest.mark.parametrize("kind", ["folder", "s3"])
@@ -171,6 +171,12 @@ def test_a_slow_upload_is_cut_off_at_the_time_limit(sample_shards, tmp_path):
     assert ("did not finish within checkpoint.mirror_timeout_s=0.5; the local checkpoints are "
             "complete") in done.stdout  # fmt: skip
     assert [p.name for p in list_checkpoints(runs / "run")] == ["step_0000002", "step_0000004"]
+    mirror = mirrored(url, runs / "run")
+    assert sorted(mirror.remote()) == [2]  # the process did not wait for step 4's upload
+    again = run_module("train", *overrides(sample_shards, runs, f"checkpoint.mirror={url}"),
+                       timeout=300)  # fmt: skip
+    assert again.returncode == 0 and "run already complete" in again.stdout, again.stderr
+    assert sorted(mirror.remote()) == [2, 4]  # the next start uploaded what the mirror lacked
 
 
 def test_a_url_no_file_system_handles_is_one_line(sample_shards, tmp_path):
@@ -183,3 +189,58 @@ def test_a_url_no_file_system_handles_is_one_line(sample_shards, tmp_path):
         "hf://models/<repo_id>\n"
     )
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before the run began
+
+
+@pytest.fixture(scope="module")
+def mirrored_run(sample_shards, tmp_path_factory) -> Path:
+    """A finished run (checkpoints 2 and 4) and its folder mirror, side by side: runs/, mirror/."""
+    root = tmp_path_factory.mktemp("mirrored")
+    train(train_config(overrides(sample_shards, root / "runs", f"checkpoint.mirror={root}/mirror",
+                                 "checkpoint.keep_last=2")))  # fmt: skip
+    return root
+
+
+@pytest.fixture
+def copy(mirrored_run, tmp_path) -> Path:
+    """A private copy of mirrored_run, safe to tamper with."""
+    return Path(shutil.copytree(mirrored_run, tmp_path / "copy"))
+
+
+def test_a_damaged_local_checkpoint_is_replaced_by_its_mirrored_copy(copy):
+    step4 = checkpoint_dir(copy / "runs" / "run", 4)
+    tensors = sorted(step4.glob("*.distcp"))[0]
+    tensors.write_bytes(tensors.read_bytes()[:100])  # truncated: read_state refuses it
+    mirror = mirrored(str(copy / "mirror"), copy / "runs" / "run")
+    assert mirror.pull() == step4
+    assert tensors.stat().st_size == (copy / "mirror/checkpoints/run/step_0000004" /
+                                      tensors.name).stat().st_size  # fmt: skip
+    assert not (copy / "runs" / "run" / "checkpoints" / ".mirror_download").exists()
+
+
+def test_a_mirrored_state_naming_files_elsewhere_is_never_pulled(copy):
+    """A state.json whose file names leave the checkpoint folder (../): the checkpoint does not
+    count as mirrored, nothing is downloaded, and the older one is pulled instead."""
+    shutil.rmtree(copy / "runs")
+    state_file = copy / "mirror/checkpoints/run/step_0000004" / STATE
+    state = json.loads(state_file.read_text())
+    state["files"]["../../../../escaped"] = {"bytes": 1, "sha256": "0" * 64}
+    state_file.write_text(json.dumps(state))
+    mirror = mirrored(str(copy / "mirror"), copy / "runs" / "run")
+    assert sorted(mirror.remote()) == [2]
+    assert mirror.pull() == checkpoint_dir(copy / "runs" / "run", 2)
+    assert not list(copy.rglob("escaped"))
+
+
+def test_a_new_run_refuses_a_name_the_mirror_holds(copy, sample_shards):
+    """checkpoint.resume=never on a machine without the run's folder: the mirror has its
+    checkpoints, so the run stops in one line instead of overwriting them."""
+    shutil.rmtree(copy / "runs")
+    done = run_module("train", *overrides(sample_shards, copy / "runs",
+                                          f"checkpoint.mirror={copy}/mirror",
+                                          "checkpoint.resume=never"), timeout=120)  # fmt: skip
+    assert done.returncode == USER_ERROR
+    assert done.stderr == (
+        f"error: {copy}/mirror/checkpoints/run already holds checkpoints of this run and "
+        "checkpoint.resume=never: use checkpoint.resume=auto to continue it, or another "
+        "trainer.run_name\n"
+    )

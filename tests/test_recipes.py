@@ -78,8 +78,8 @@ def test_muon_checkpoints_hold_both_optimizers(muon_reference):
 
 
 @pytest.mark.parametrize(
-    "fault", [pytest.param("optimizer:3", marks=pytest.mark.slow), "checkpoint:4"]
-)  # AdamW's kill points are all in test_faults
+    "fault", [pytest.param(f, marks=pytest.mark.slow) for f in ("optimizer:3", "checkpoint:4")]
+)  # AdamW's kill points are all in test_faults; Muon's resume bit for bit: test_distributed
 def test_killed_muon_run_resumes_to_the_same_weights(sample_shards, muon_reference, tmp_path,
                                                      fault):  # fmt: skip
     args = muon_run(sample_shards, tmp_path)

@@ -57,6 +57,7 @@ def offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_logs_offline_and_a_resume_finds_the_same_run(
     sample_shards, tmp_path
 ):

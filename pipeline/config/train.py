@@ -219,7 +219,7 @@ class EvalConfig:
 
 def mirror_problem(url: str) -> str | None:
     """Why fsspec cannot open a checkpoint.mirror URL (an unknown protocol, its package not
-    installed), or None. Opens no connection."""
+    installed, what its file system refuses when built), or None. Reads and writes nothing."""
     import fsspec
 
     if not url.strip():
@@ -232,6 +232,8 @@ def mirror_problem(url: str) -> str | None:
     except (ValueError, TypeError) as e:
         return (f"not a URL fsspec can open ({e}); use a folder, s3://bucket/prefix, "
                 "gs://bucket/prefix or hf://models/<repo_id>")  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a file system's own check (e.g. its credentials)
+        return f"cannot be opened ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
     return None
 
 

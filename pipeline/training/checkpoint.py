@@ -267,7 +267,7 @@ def read_state(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / STATE} is corrupt ({e})") from None
-    wrong = _state_problem(state)
+    wrong = state_problem(state)
     if wrong:
         raise CheckpointError(f"{path / STATE} is not a checkpoint's state ({wrong}); delete "
                               f"{path} to resume from the previous checkpoint")  # fmt: skip
@@ -285,7 +285,7 @@ _STATE_TYPES = {"step": int, "tokens_seen": int, "config": dict, "loader": dict,
 """The keys of state.json that loading reads, and their JSON types (each optional)."""
 
 
-def _state_problem(state: object) -> str | None:
+def state_problem(state: object) -> str | None:
     """What makes a parsed state.json unusable (wrong JSON types, a file entry that is not a
     plain file name with its bytes and sha256), or None."""
     if not isinstance(state, dict):

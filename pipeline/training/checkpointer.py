@@ -31,7 +31,7 @@ from pipeline.training.checkpoint import (
     verify,
 )
 from pipeline.training.checkpoint_tensors import TensorSaver
-from pipeline.training.mirror import Mirror
+from pipeline.training.mirror import Mirror, retried
 from pipeline.training.optim import Optimizers
 from pipeline.training.rng import rng_state
 from pipeline.training.state import RunState, every
@@ -80,7 +80,9 @@ class Checkpointer:
 
     def __post_init__(self) -> None:
         if self.cfg.mirror and self.accelerator.is_main_process:
-            self.mirror = Mirror(self.cfg.mirror, self.run_dir, self.cfg.keep_last, self.say)
+            run_name = self.config.get("trainer", {}).get("run_name") or self.run_dir.name
+            self.mirror = Mirror(self.cfg.mirror, self.run_dir, run_name, self.cfg.keep_last,
+                                 self.say)  # fmt: skip
 
     def due(self, step: int) -> bool:
         """Whether to checkpoint after `step` steps: every checkpoint.interval, at the end and,
@@ -208,15 +210,23 @@ class Checkpointer:
 
     def _pull(self) -> None:
         """On the main process: install the mirror's newest checkpoint if it is newer than
-        every local one (Mirror.pull)."""
+        every local one (Mirror.pull), then upload in the background what the mirror lacks
+        (a checkpoint whose upload an earlier start cut off)."""
         assert self.mirror is not None
         self.mirror.pull()
+        self.mirror.submit()
 
     def _refuse_checkpoints(self, run_dir: Path) -> None:
         if list_checkpoints(run_dir):
             raise CheckpointError(
                 f"{run_dir} already has checkpoints and checkpoint.resume=never: use "
                 "checkpoint.resume=auto to continue it, or another trainer.run_name"
+            )
+        if self.mirror is not None and retried(self.mirror.remote):
+            raise CheckpointError(
+                f"{self.mirror.where} already holds checkpoints of this run and "
+                "checkpoint.resume=never: use checkpoint.resume=auto to continue it, or another "
+                "trainer.run_name"
             )
 
     def _choose(self, check: Callable[[Path, dict], str | None]) -> str | None:
@@ -353,7 +363,7 @@ class Checkpointer:
             self.announced = True
             self.say(f"saved checkpoint {path}")
             if self.mirror is not None:
-                self.mirror.submit(path)
+                self.mirror.submit()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -25,10 +25,10 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
@@ -42,6 +42,7 @@ from pipeline.training.checkpoint import (
     keep_by_rotation,
     list_checkpoints,
     read_state,
+    state_problem,
     verify_checksums,
 )
 from pipeline.training.faults import inject
@@ -57,12 +58,13 @@ def checkpoint_files(state: dict) -> list[str]:
 
 
 def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step: int,
-                       unsafe_then: str) -> None:  # fmt: skip
+                       unsafe_then: str, replace: bool = False) -> None:  # fmt: skip
     """Move a downloaded checkpoint folder to `final` (`runs/<run>/checkpoints/step_N`) after
     read_state and its checksums accept it, its step is `step` and no file names code to run
     when loaded (check_loads_safely; `unsafe_then`: what the refusal tells the user to do, the
-    download being deleted); `final` appears complete or not at all. Raises CheckpointError for
-    an incomplete or damaged download or another step, UnsafeFileError for such a file."""
+    download being deleted); `final` appears complete or not at all. replace: a folder already
+    at `final` (a damaged one) is deleted once the download has passed. Raises CheckpointError
+    for an incomplete or damaged download or another step, UnsafeFileError for such a file."""
     staged, final = Path(staged), Path(final)
     try:
         state = read_state(staged)
@@ -75,6 +77,8 @@ def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step
         raise CheckpointError(f"{staged}: state.json says step {state.get('step')}, expected "
                               f"{step}")  # fmt: skip
     final.parent.mkdir(parents=True, exist_ok=True)
+    if replace and final.exists():
+        shutil.rmtree(final)
     os.replace(staged, final)
     fsync_dir(final.parent)
 
@@ -82,16 +86,18 @@ def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step
 class Mirror:
     """The mirror of one run's checkpoints (see the module docstring); main process only."""
 
-    def __init__(self, url: str, run_dir: Path, keep_last: int, say: Callable[[str], None]):
+    def __init__(self, url: str, run_dir: Path, run_name: str, keep_last: int,
+                 say: Callable[[str], None]):  # fmt: skip
+        """url: checkpoint.mirror; run_dir: the run's folder; run_name: trainer.run_name (a
+        sweep's job `<sweep>/<N>`), its folder in the mirror; say: prints a line."""
         self.url, self.run_dir, self.keep_last, self.say = url, Path(run_dir), keep_last, say
         self.fs, root = fsspec.core.url_to_fs(url)  # checked by CheckpointConfig.problems
         root = root.rstrip("/")
-        self.folder = f"{root}/checkpoints/{self.run_dir.name}"
-        self.where = f"{url.rstrip('/')}/checkpoints/{self.run_dir.name}"
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-mirror")
-        self._lock = threading.Lock()
-        self._queued = False
-        self._last: Future | None = None
+        self.folder = f"{root}/checkpoints/{run_name.strip('/')}"
+        self.where = f"{url.rstrip('/')}/checkpoints/{run_name.strip('/')}"
+        self._cond = threading.Condition()
+        self._pending = self._busy = self._closing = False
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the mirror's contents
 
@@ -110,55 +116,67 @@ class Mirror:
                 state = json.loads(self.fs.cat_file(f"{entry.rstrip('/')}/{STATE}"))
             except (FileNotFoundError, ValueError):  # partial: no state.json, or a torn one
                 continue
-            if isinstance(state, dict) and state.get("step") == int(match.group(1)):
-                found[state["step"]] = state
+            if state_problem(state) is None and state.get("step") == int(match.group(1)):
+                found[state["step"]] = state  # its files plain names: nothing lands elsewhere
         return found
 
     def _step_folder(self, step: int) -> str:
-        return f"{self.folder}/{checkpoint_dir(Path(), step).name}"
+        return f"{self.folder}/{checkpoint_dir(Path(), step).name}"  # .../step_NNNNNNN
 
     # ------------------------------------------------------------------------------ upload
 
-    def submit(self, checkpoint: Path) -> None:
-        """Bring the mirror up to date with the run's checkpoints in the background (the newest,
-        `checkpoint`, included); returns at once. At most one update runs and one waits."""
-        del checkpoint  # the update mirrors every kept local checkpoint, this one among them
-        with self._lock:
-            if self._queued:
-                return
-            self._queued = True
-            self._last = self._pool.submit(self._update)
+    def submit(self) -> None:
+        """Bring the mirror up to date with the run's complete checkpoints in the background
+        (sync); returns at once. One update runs at a time; submits during it make one more."""
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
+            if self._thread is None:  # a daemon: a process past close() does not wait for it
+                self._thread = threading.Thread(target=self._work, name="checkpoint-mirror",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
 
-    def _update(self) -> None:
-        with self._lock:
-            self._queued = False
-        try:
-            self.sync()
-        except Exception as e:  # noqa: BLE001 - a failed upload never stops training
-            self.say(f"warning: mirroring checkpoints to {self.where} failed "
-                     f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); the next "
-                     "checkpoint tries again")  # fmt: skip
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                self._pending, self._busy = False, True
+            try:
+                self.sync()
+            except Exception as e:  # noqa: BLE001 - a failed upload never stops training
+                self.say(f"warning: mirroring checkpoints to {self.where} failed "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); the next "
+                         "checkpoint tries again")  # fmt: skip
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
     def sync(self) -> list[int]:
-        """Upload the kept local checkpoints the mirror lacks (newest first) and delete the
-        mirrored ones rotation drops and partial uploads. Returns the steps uploaded. Raises the
-        file system's errors."""
+        """Upload the kept local checkpoints the mirror lacks (newest first), then delete the
+        mirrored ones rotation drops, counting only what is mirrored now (a checkpoint rotated
+        away locally before its upload never costs the mirror its predecessor), and partial
+        uploads. Returns the steps uploaded. Raises the file system's errors."""
         local = {}
         for path in list_checkpoints(self.run_dir):
             try:
-                local[read_state(path)["step"]] = path
-            except (CheckpointError, KeyError):
+                state = read_state(path)
+            except CheckpointError:
                 continue  # damaged or rotated away meanwhile: not mirrored
+            local[state["step"]] = (path, state)
         remote = self.remote()
-        states = {**remote, **{s: json.loads((p / STATE).read_text()) for s, p in local.items()
-                               if s not in remote}}  # fmt: skip
-        keep = keep_by_rotation(states, self.keep_last)
-        uploaded = []
+        keep = keep_by_rotation({**{s: st for s, (_, st) in local.items()}, **remote},
+                                self.keep_last)  # fmt: skip
+        uploaded = {}
         for step in sorted(keep - remote.keys(), reverse=True):
-            if self._upload(local[step]):
-                uploaded.append(step)
-        self._delete(remote.keys() - keep, partial=True)
-        return uploaded
+            if self._upload(local[step][0]):
+                uploaded[step] = local[step][1]
+        mirrored = {**remote, **uploaded}
+        self._delete(mirrored.keys() - keep_by_rotation(mirrored, self.keep_last), partial=True)
+        return sorted(uploaded)
 
     def _upload(self, path: Path) -> bool:
         """Copy one checkpoint folder, state.json last. False when it was rotated away locally
@@ -200,19 +218,23 @@ class Mirror:
                 self.fs.rm(entry, recursive=True)
 
     def close(self, timeout_s: float) -> None:
-        """Let the update in flight finish, for at most timeout_s seconds (the end of a run, a
-        preemption): a warning says when it did not, and the process may exit (a partial
-        upload stays invisible)."""
-        last = self._last
-        try:
-            if last is not None:
-                last.result(timeout=timeout_s)
-        except FutureTimeout:
-            self.say(f"warning: the checkpoint upload to {self.where} did not finish within "
-                     f"checkpoint.mirror_timeout_s={timeout_s:g}; the local checkpoints are "
-                     "complete, and the next run's first checkpoint uploads again")  # fmt: skip
-        finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """Let the update in flight (and one asked for meanwhile) finish, for at most timeout_s
+        seconds (the end of a run, a preemption); past it a warning says so and this returns:
+        the process may exit, the upload thread being a daemon, and a partial upload stays
+        invisible."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.say(f"warning: the checkpoint upload to {self.where} did not finish "
+                             f"within checkpoint.mirror_timeout_s={timeout_s:g}; the local "
+                             "checkpoints are complete, and the next start of the run "
+                             "uploads what the mirror lacks")  # fmt: skip
+                    return
+                self._cond.wait(left)
 
     # ------------------------------------------------------------------------------ pull
 
@@ -229,7 +251,7 @@ class Mirror:
             except (CheckpointError, KeyError):
                 continue
         try:
-            remote = self.remote()
+            remote = retried(self.remote)
         except Exception as e:  # noqa: BLE001 - every file system raises its own
             raise CheckpointError(
                 f"cannot read the checkpoint mirror {self.where} ({type(e).__name__}: "
@@ -237,28 +259,50 @@ class Mirror:
                 "without checkpoint.mirror to continue from the local checkpoints only"
             ) from None
         newest_local = max(local, default=-1)
-        for step in sorted((s for s in remote if s > newest_local), reverse=True):
-            try:
-                return self._download(step, remote[step])
-            except CheckpointError as e:
-                self.say(f"warning: not pulling mirrored step {step}: {e}")
+        staging = self.run_dir / "checkpoints" / DOWNLOAD_DIR
+        try:
+            for step in sorted((s for s in remote if s > newest_local), reverse=True):
+                try:
+                    return self._download(step, remote[step], staging)
+                except CheckpointError as e:
+                    self.say(
+                        f"warning: not pulling {self._step_folder(step)} ({e}); remove it "
+                        "from the mirror. Trying the one before it"
+                    )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return None
 
-    def _download(self, step: int, state: dict) -> Path:
-        staging = self.run_dir / "checkpoints" / DOWNLOAD_DIR
+    def _download(self, step: int, state: dict, staging: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staged = staging / checkpoint_dir(Path(), step).name
         staged.mkdir(parents=True)
         source = self._step_folder(step)
         try:
             for name in checkpoint_files(state):
-                self.fs.get_file(f"{source}/{name}", str(staged / name))
+                retried(lambda n=name: self.fs.get_file(f"{source}/{n}", str(staged / n)))
         except Exception as e:  # noqa: BLE001 - every file system raises its own
             raise CheckpointError(f"its download failed ({type(e).__name__}: "
                                   f"{' '.join(str(e).split())[:200]})") from None  # fmt: skip
-        final = checkpoint_dir(self.run_dir, step)
+        final = checkpoint_dir(self.run_dir, step)  # a damaged local copy is replaced
         install_checkpoint(staged, final, step, "it was not installed and the download was "
-                           f"deleted: remove {source} from the mirror")  # fmt: skip
-        shutil.rmtree(staging, ignore_errors=True)
+                           f"deleted: remove {source} from the mirror", replace=True)  # fmt: skip
         self.say(f"pulled checkpoint {self.where}/{final.name} -> {final}")
         return final
+
+
+RETRIES = (2.0, 8.0)
+"""Seconds before the second and third try of a read from the mirror (a transient error)."""
+
+
+def retried(read: Callable[[], Any]) -> Any:
+    """read(), tried again after each pause of RETRIES when it raises; the last error is
+    raised. For reads only: they change nothing when repeated."""
+    for pause in RETRIES:
+        try:
+            return read()
+        except (FileNotFoundError, PermissionError):
+            raise  # not transient
+        except Exception:  # noqa: BLE001 - every file system raises its own
+            time.sleep(pause)
+    return read()

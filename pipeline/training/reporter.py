@@ -26,8 +26,14 @@ CHECKPOINTS_INTACT = ("metrics.jsonl keeps its complete records and the checkpoi
 
 def main_print(enabled: bool) -> Callable[..., None]:
     """print, flushed, where enabled (the main process); elsewhere a function that does nothing.
-    The gate for lines printed before a run's Reporter exists (resuming, checkpoints)."""
-    return lambda *args: print(*args, flush=True) if enabled else None
+    The gate for lines printed before a run's Reporter exists (resuming, checkpoints). Each
+    line is one write, so lines printed by the checkpoint mirror's thread never land inside a
+    line of the training thread's."""
+
+    def say(*args: Any) -> None:
+        print(" ".join(map(str, args)) + "\n", end="", flush=True)
+
+    return say if enabled else lambda *args: None
 
 
 class Reporter:

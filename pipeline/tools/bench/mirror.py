@@ -29,7 +29,8 @@ class MirrorResult:
     step_s: dict[str, float]
     """Median step time (seconds), by "no mirror" and "mirror"."""
     blocked_s: list[float]
-    """Seconds the training thread spent in Mirror.submit, per checkpoint."""
+    """Seconds the training thread spent in Mirror.submit: at start-up (after the pull) and
+    per checkpoint."""
     upload_s: list[float]
     """Seconds of each background update (Mirror.sync)."""
     close_s: float
@@ -111,8 +112,8 @@ def render_mirror(r: MirrorResult) -> str:
         "thread spends handing a complete checkpoint to the mirror (the upload runs on the "
         "mirror's own thread). Target (issue 25): under 1% of a step.",
         "",
-        table(["mirrored saves", "blocked per save (median / max)", "share of a step",
-               "step s: no mirror / mirror", "upload s per update (median)",
+        table(["hand-overs (start, each checkpoint)", "blocked per hand-over (median / max)",
+               "share of a step", "step s: no mirror / mirror", "upload s per update (median)",
                "end-of-run wait s"],
               [[str(len(r.blocked_s)), f"{blocked * 1e3:.3f} / {max(r.blocked_s) * 1e3:.3f} ms",
                 f"{r.blocked_share:.4%}",
