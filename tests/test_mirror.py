@@ -11,15 +11,19 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.proc import run_module
+from helpers.env import process_env
+from helpers.paths import REPO
+from helpers.proc import command, run_module
 from helpers.runs import final_weights
 from helpers.tiny import tiny_run, train_config
 
-from pipeline.errors import USER_ERROR
+from pipeline.errors import PREEMPTED, USER_ERROR
 from pipeline.files import sha256_file
 from pipeline.training.checkpoint import STATE, checkpoint_dir, list_checkpoints
 from pipeline.training.loop import train
@@ -244,3 +248,25 @@ def test_a_new_run_refuses_a_name_the_mirror_holds(copy, sample_shards):
         "checkpoint.resume=never: use checkpoint.resume=auto to continue it, or another "
         "trainer.run_name\n"
     )
+
+
+def test_a_preempted_run_exits_75_once_its_last_checkpoint_is_mirrored(sample_shards, tmp_path):
+    """SIGTERM while the upload of checkpoint 2 is slow (stalled 3 s): the run writes its
+    preemption checkpoint, and exits 75 only once the mirror holds it too."""
+    url, runs = str(tmp_path / "mirror"), tmp_path / "runs"
+    args = overrides(sample_shards, runs, f"checkpoint.mirror={url}", "trainer.max_steps=400")
+    metrics = runs / "run" / "metrics.jsonl"
+    env = process_env(PIPELINE_FAULT="mirror_stall:2")
+    process = subprocess.Popen(command("train", *args), cwd=REPO, stdout=subprocess.PIPE,
+                               text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"step": 3' in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED, out
+    last = list_checkpoints(runs / "run")[-1]
+    step = json.loads((last / STATE).read_text())["step"]
+    assert 3 <= step < 400 and "stopping after step" in out
+    assert step in mirrored(url, runs / "run").remote()
