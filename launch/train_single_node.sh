@@ -3,6 +3,7 @@
 # checkpoints. Extra arguments are Hydra overrides:
 #   bash launch/train_single_node.sh experiment=gpt2_124m_10bt
 #   NPROC=4 bash launch/train_single_node.sh experiment=gpt2_124m_10bt trainer.micro_batch_size=32
+# MAIN_PORT: the rendezvous port (29500); jobs side by side on one machine each need their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
@@ -17,4 +18,4 @@ if [ "$NPROC" -eq 1 ]; then  # one process needs no launcher: its own exit code 
 fi
 source launch/workers.sh  # run_workers: the training processes' own exit code, signals passed on
 run_workers "$PYTHON" -m accelerate.commands.launch --config_file launch/multi_gpu.yaml \
-    --num_processes "$NPROC" -m pipeline.train "$@"
+    --num_processes "$NPROC" --main_process_port "${MAIN_PORT:-29500}" -m pipeline.train "$@"

@@ -13,6 +13,12 @@ from pipeline.config import RENAMED, register_configs, to_dataclass
 from pipeline.config.cli import check_command_line
 from pipeline.errors import PREEMPTED, guard, raise_if, recorded_exit
 from pipeline.training.loop import check_run_folder, for_sweep_job, train
+from pipeline.training.sweep import (
+    collect_exits,
+    parallel_sweep_job,
+    run_parallel_job,
+    sweep_exit_code,
+)
 from pipeline.training.wandb_run import login_problem
 
 register_configs()
@@ -25,6 +31,8 @@ def main(cfg: DictConfig) -> float | None:
     validation loss, the objective a sweeper (e.g. Optuna) minimises. Exits with
     pipeline.errors' codes: 2 config, data or checkpoint problem, 3 diverged, 75 preempted
     after a checkpoint (run again to continue), 130 interrupted."""
+    if parallel_sweep_job():  # hydra/launcher=parallel: the job trains as a process of its own
+        return run_parallel_job(to_dataclass(cfg))
     summary = train(for_sweep_job(to_dataclass(cfg)))
     if summary["preempted"]:
         sys.exit(PREEMPTED)
@@ -47,4 +55,10 @@ def check(argv: list[str]) -> None:
 if __name__ == "__main__":
     with recorded_exit():  # the launch scripts' exit code (launch/workers.sh)
         check(sys.argv[1:])
-        main()
+        parallel = "hydra/launcher=parallel" in sys.argv[1:]
+        with collect_exits(parallel) as exits:  # the codes of a parallel sweep's jobs
+            main()
+            code = sweep_exit_code(exits)
+        if code == PREEMPTED and parallel:
+            print("sweep stopped: run the same command to continue it", flush=True)
+        sys.exit(code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -93,3 +94,17 @@ def test_every_problem_is_reported_at_once():
     assert len(e.value.problems) == 3
     text = str(e.value)
     assert "tokens_per_step=1000" in text and "min_lr" in text and "n_head=5" in text
+
+
+@pytest.mark.parametrize("jobs", [None, 3])
+def test_the_parallel_launcher_composes_with_its_number_of_jobs(jobs):
+    """conf/hydra/launcher/parallel.yaml: Hydra's joblib launcher, n_jobs from launch.jobs
+    (the parallel_jobs resolver: one job per launch.gpus_per_job visible GPUs by default)."""
+    overrides = ["sweep=lr_grid", "hydra/launcher=parallel"] + (
+        [f"launch.jobs={jobs}"] if jobs else []
+    )
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    expected = jobs or max(1, torch.cuda.device_count())  # one job per GPU, 1 without one
+    assert cfg.hydra.launcher.n_jobs == expected

@@ -355,6 +355,7 @@ def test_eval_tokens_below_one_window_is_a_config_error(shards, tmp_path):
         evaluate(cfg)
 
 
+@pytest.mark.slow
 def test_eval_tokens_below_one_window_from_the_command_line(trained, tmp_path):
     line = fails("evaluate", f"checkpoint={trained}", "eval_tokens=10", cwd=tmp_path)
     assert line == (

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import yaml
-from helpers.proc import run_module
+from helpers.env import process_env
+from helpers.paths import REPO
+from helpers.proc import command, run_module
 from helpers.runs import records, wandb_run_record
 
+from pipeline.errors import PREEMPTED, ConfigError
 from pipeline.tools.plot import expand_runs, read_curves
+from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.sweep import hold_slot, slot_env, sweep_exit_code
 
 
 def small(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
@@ -70,6 +81,29 @@ def test_optuna_sweep_minimises_the_final_validation_loss(sample_shards, tmp_pat
     assert result["best_value"] == pytest.approx(min(finals))
 
 
+@pytest.mark.slow
+def test_optuna_trials_run_side_by_side_and_the_study_continues(sample_shards, tmp_path):
+    """`make sweep SWEEP=lr_optuna JOBS=2`: two trials at a time, the study stored under the
+    sweep folder; best_value is the lowest final validation loss. The same command with a
+    larger n_trials runs only the trial the study lacks (job 2), retraining none."""
+    args = small(sample_shards, tmp_path, "tpe")
+    first = make_sweep([*args, "hydra.sweeper.n_trials=2"], "JOBS=2", sweep="lr_optuna")
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-3000:]
+    assert out.index("job 1 started") < out.index("job 0 ended")  # side by side
+    sweep = tmp_path / "tpe"
+    assert (sweep / "optuna.db").is_file()
+    logs = [(sweep / j / "train.log").read_text() for j in "01"]
+    again = make_sweep([*args, "hydra.sweeper.n_trials=3"], "JOBS=2", sweep="lr_optuna")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    assert "job 2 started" in out and "job 0 started" not in out and "job 1 started" not in out
+    assert [(sweep / j / "train.log").read_text() for j in "01"] == logs
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    finals = [records(sweep / str(i), "val")[-1]["loss"] for i in range(3)]
+    assert result["best_value"] == pytest.approx(min(finals))
+
+
 def test_plot_draws_every_run_of_a_sweep(grid, tmp_path):
     sweep, _ = grid
     runs = expand_runs([sweep])
@@ -85,3 +119,124 @@ def test_plot_draws_every_run_of_a_sweep(grid, tmp_path):
     missing = run_module("plot", str(tmp_path / "none"))
     assert missing.returncode == 2 and "error: " in missing.stderr
     assert "no metrics.jsonl" in missing.stderr
+
+
+# ------------------------------------------------------------------- jobs side by side (JOBS)
+
+
+def make_sweep(args: list[str], *make_vars: str, env: dict[str, str] | None = None,
+               sweep: str = "lr_grid", **popen) -> subprocess.Popen:  # fmt: skip
+    """`make sweep SWEEP=<sweep> ...` with this interpreter, its setup taken as done (-o)."""
+    command = ["make", "-s", "-o", ".venv/.installed", "sweep", f"PYTHON={sys.executable}",
+               f"SWEEP={sweep}", *make_vars, "ARGS=" + " ".join(args)]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, env=process_env(**(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)  # fmt: skip
+
+
+def test_jobs_side_by_side_give_each_job_the_result_it_has_alone(sample_shards, grid, tmp_path):
+    """`make sweep JOBS=2`: the 3 jobs of sweep=lr_grid run two at a time, each a process of its
+    own on its half of the cores (OMP_NUM_THREADS), in runs/lrs/<job> as before, and each
+    ends with the validation loss the same job has in the one-at-a-time sweep."""
+    process = make_sweep(small(sample_shards, tmp_path, "lrs"), "JOBS=2")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out[-3000:]
+    sweep, threads = tmp_path / "lrs", max(1, (os.cpu_count() or 1) // 2)
+    for job in "012":
+        assert f"job {job} started (OMP_NUM_THREADS={threads}): optim.max_lr=" in out
+        assert f"job {job} ended: exit 0, val loss " in out
+        alone = records(grid[0] / job, "val")[-1]["loss"]
+        assert records(sweep / job, "val")[-1]["loss"] == pytest.approx(alone, rel=1e-5)
+        log = (sweep / job / "train.log").read_text()
+        assert "run summary" in log and f"trainer.run_name=lrs/{job}" in (
+            sweep / job / ".hydra" / "overrides.yaml").read_text()  # fmt: skip
+    starts = [out.index(f"job {j} started") for j in "012"]
+    assert out.index("job 1 started") < out.index("job 0 ended")  # two at a time
+    assert max(starts) > min(out.index(f"job {j} ended") for j in "01")  # not three
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_run_again_continues_it(sample_shards, tmp_path):
+    """The whole sweep killed (SIGKILL to every process of it) while job 1 is between two
+    checkpoints: running the same command again ends job 0 at once (already complete),
+    continues job 1 from its checkpoint and starts job 2; all three end complete."""
+    longer = {"trainer.max_steps": "6", "eval.interval": "6", "checkpoint.interval": "2"}
+    args = [a for a in small(sample_shards, tmp_path, "lrs") if a.split("=")[0] not in longer]
+    args += [f"{k}={v}" for k, v in longer.items()]
+    sweep = tmp_path / "lrs"
+    process = make_sweep(args, "JOBS=1", env={"PIPELINE_FAULT": "stall:4"},
+                         start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (sweep / "1" / "checkpoints" / "step_0000003" / "state.json").is_file():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # job 1's checkpoint 4 is still being written
+    process.communicate(timeout=60)
+    steps = {j: [p.name for p in list_checkpoints(sweep / j)] for j in "01"}
+    assert steps["0"] == ["step_0000003", "step_0000004", "step_0000006"]  # 3: WSD's last
+    assert steps["1"] == ["step_0000002", "step_0000003"]  # stable step, kept
+    assert not (sweep / "2" / "checkpoints").exists()
+    loss0 = records(sweep / "0", "val")[-1]["loss"]
+
+    again = make_sweep(args, "JOBS=1")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    assert "run already complete: 6 of 6 steps done" in (sweep / "0" / "train.log").read_text()
+    assert f"resuming from {sweep / '1' / 'checkpoints' / 'step_0000003'}" in (
+        sweep / "1" / "train.log").read_text()  # fmt: skip
+    for job in "012":
+        assert [p.name for p in list_checkpoints(sweep / job)][-1] == "step_0000006"
+    assert records(sweep / "0", "val")[-1]["loss"] == loss0
+
+
+def test_each_slot_gets_its_own_gpus_and_share_of_the_cores(tmp_path):
+    gpus = ["0", "1", "2", "3"]
+    assert slot_env(1, 2, 2, gpus, 16) == {"CUDA_VISIBLE_DEVICES": "2,3", "OMP_NUM_THREADS": "4"}
+    assert slot_env(0, 2, 1, [], 2) == {"OMP_NUM_THREADS": "1"}  # a CPU: half the cores
+    with pytest.raises(ConfigError, match="3 jobs of 2 GPUs need 6 GPUs, and 4 are visible"):
+        slot_env(0, 3, 2, gpus, 16)
+    with hold_slot(tmp_path, 2) as first, hold_slot(tmp_path, 2) as second:
+        assert {first, second} == {0, 1}  # held for the block's lifetime, never shared
+    with hold_slot(tmp_path, 2) as again:
+        assert again == 0  # released when its holder ended
+
+
+@pytest.mark.parametrize(
+    "codes,expected",
+    [([0, 0], 0), ([0, 75], 75), ([75, 2, 3], 2), ([-9, 0], 75), ([130], 75), ([1, 0], 1), ([], 0)],
+)
+def test_a_sweep_exits_with_what_its_jobs_need(codes, expected, tmp_path):
+    exits = tmp_path / "exits.jsonl"
+    exits.write_text("".join(json.dumps({"job": i, "exit": c}) + "\n" for i, c in enumerate(codes)))
+    assert sweep_exit_code(exits) == expected
+
+
+@pytest.mark.parametrize("to", [pytest.param("sweep", marks=pytest.mark.slow), "group"])
+def test_a_stopped_sweep_checkpoints_its_jobs_and_exits_75(sample_shards, tmp_path, to):
+    """SIGTERM to the sweep's own process (to=sweep) or to every process of it (to=group, as a
+    scheduler sends it) while two jobs train side by side and a third waits: both training runs
+    checkpoint and stop (exit 75), the third never starts, and the sweep exits 75."""
+    long = [a for a in small(sample_shards, tmp_path, "lrs") if not a.startswith(
+        ("trainer.max_steps=", "eval.interval=", "checkpoint.interval="))] + [
+        "trainer.max_steps=400", "eval.interval=400", "checkpoint.interval=400"]  # fmt: skip
+    process = subprocess.Popen(command("train", *long, "sweep=lr_grid", "hydra/launcher=parallel",
+                                       "launch.jobs=2"), cwd=REPO, env=process_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    metrics = [tmp_path / "lrs" / j / "metrics.jsonl" for j in "01"]
+    deadline = time.monotonic() + 240
+    while not all(m.exists() and '"kind": "train"' in m.read_text() for m in metrics):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    if to == "sweep":
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED, out[-3000:]
+    for job in "01":
+        assert f"job {job} ended: exit {PREEMPTED}" in out
+        step = json.loads((list_checkpoints(tmp_path / "lrs" / job)[-1] / "state.json").read_text())
+        assert 1 <= step["step"] < 400
+    assert "job 2 not started: the sweep is stopping" in out
+    assert out.rstrip().endswith("sweep stopped: run the same command to continue it")

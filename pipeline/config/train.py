@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from pipeline.config.launch import LaunchConfig
 from pipeline.model import LOSS_IMPLS, ModelConfig
 
 
@@ -402,6 +403,7 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
     def block_size(self) -> int:
@@ -435,6 +437,7 @@ class TrainConfig:
             + self.runtime.problems()
             + self.profile.problems()
             + self.logger.problems()
+            + self.launch.problems()
         )
         if self.data.block_size is not None and not (
             1 <= self.data.block_size <= self.model.block_size

@@ -33,6 +33,9 @@
   CPU; minutes; not in the default run).
 - mirror: the seconds the training loop waits per checkpoint handed to checkpoint.mirror, against
   a step of the demo's run, with and without the mirror (a local folder; not in the default run).
+- sweep: the wall time of a 4-job sweep of the demo's run with its jobs two at a time against
+  one at a time (hydra/launcher=parallel), and each job's final loss either way (minutes; not in
+  the default run).
 
 The data come from $FINEWEB_SAMPLE and $TIKTOKEN_CACHE_DIR, by default under $SHARED_DATA or
 `../shared/data` beside the repository (as in tests/conftest.py). The output file keeps one
@@ -41,8 +44,8 @@ the others; a run of some (--only) replaces only their parts of that section, ea
 of its date, command and load. Nothing runs at import time.
 
 One module per benchmark (prepare, loader, train, loss, memory, sample, compiling, muon,
-fsdp_memory, checkpoint, mirror: each measures and renders its section) on `host` (the machine),
-`child` (fresh processes) and `render` (BENCHMARKS.md); this one is the command line.
+fsdp_memory, checkpoint, mirror, sweep: each measures and renders its section) on `host` (the
+machine), `child` (fresh processes) and `render` (BENCHMARKS.md); this one is the command line.
 """
 
 from __future__ import annotations
@@ -88,10 +91,11 @@ from pipeline.tools.bench.render import (
     run_note,
 )
 from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
+from pipeline.tools.bench.sweep import bench_sweep, render_sweep
 from pipeline.tools.bench.train import bench_train, render_train
 
 BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile", "muon",
-           "fsdp-memory", "checkpoint", "mirror")  # fmt: skip
+           "fsdp-memory", "checkpoint", "mirror", "sweep")  # fmt: skip
 DEFAULT = ("prepare", "loader", "train", "loss", "memory", "sample")
 """What `python -m pipeline.bench` runs without --only."""
 
@@ -193,7 +197,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
         docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
         prep = bench_prepare(docs, source, work, settings.rounds, settings.scales)
         shard_dir = Path(prep.shard_dir)
-    elif {"loader", "train", "loss", "mirror"} & set(benches):
+    elif {"loader", "train", "loss", "mirror", "sweep"} & set(benches):
         docs, source = documents_source(fineweb_sample(), settings.max_documents, work)
         shard_dir = make_shards(docs, source, work)
     shapes = tuple(dict.fromkeys([*LOADER_SHAPES, (args.micro_batch_size, args.block_size)]))
@@ -219,6 +223,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     fsdp_memory = bench_fsdp_memory() if "fsdp-memory" in benches else []
     saves = bench_checkpoint() if "checkpoint" in benches else []
     mirrored = bench_mirror(shard_dir, work) if "mirror" in benches else None
+    swept = bench_sweep(shard_dir, work) if "sweep" in benches else None
     parts = [render_prepare(prep)] if prep else []
     parts += [render_loader(rates, trains, str(shard_dir))] if rates else []
     parts += [render_train(trains, args.peak_flops)] if trains else []
@@ -230,6 +235,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     parts += [render_fsdp_memory(fsdp_memory)] if fsdp_memory else []
     parts += [render_checkpoint(saves)] if saves else []
     parts += [render_mirror(mirrored)] if mirrored else []
+    parts += [render_sweep(swept)] if swept else []
     return parts
 
 
