@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers.env import process_env
-from helpers.proc import command, run_module
+from helpers.proc import command, run_module, sigint_as_at_a_terminal
 from helpers.tiny import tiny_run
 
 from pipeline.config import PrepareConfig, SourceConfig
@@ -31,7 +31,8 @@ def interrupt_when(args: list[str], ready: Callable[[], bool], cwd: Path) -> tup
     ready() holds, and return (exit code, stdout, stderr)."""
     process = subprocess.Popen(command(*args), cwd=cwd, env=process_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)  # fmt: skip
+                               start_new_session=True,
+                               preexec_fn=sigint_as_at_a_terminal)  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while not ready():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers.env import process_env
 from helpers.paths import REPO
-from helpers.proc import command, run_module
+from helpers.proc import command, run_module, sigint_as_at_a_terminal
 from helpers.tiny import tiny_run
 
 from pipeline.errors import INTERRUPTED, USER_ERROR, FolderLockedError
@@ -83,7 +83,8 @@ def test_second_training_on_a_live_run_is_refused(sample_shards, tmp_path):
     args = train_args(sample_shards, tmp_path, "trainer.max_steps=500", "checkpoint.interval=0")
     first = subprocess.Popen(command("train", *args), cwd=REPO, env=process_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # fmt: skip
+                             start_new_session=True,
+                             preexec_fn=sigint_as_at_a_terminal)  # fmt: skip
     run = tmp_path / "run"
     try:
         deadline = time.monotonic() + 180

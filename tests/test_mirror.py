@@ -88,7 +88,7 @@ def mirrored(url: str, run_dir: Path) -> Mirror:
     return Mirror(url, run_dir, run_dir.name, keep_last=1, say=print)
 
 
-@pytest.mark.parametrize("kind", ["folder", "s3"])
+@pytest.mark.parametrize("kind", ["folder", pytest.param("s3", marks=pytest.mark.slow)])
 def test_a_lost_machine_continues_from_the_mirror(kind, reference, sample_shards, tmp_path,
                                                   request):  # fmt: skip
     """Train with a mirror (keeping 2 checkpoints), lose runs/, and find the mirror's step 4
@@ -164,6 +164,7 @@ def test_a_failing_mirror_never_stops_training(reference, sample_shards, tmp_pat
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
+@pytest.mark.slow
 def test_a_slow_upload_is_cut_off_at_the_time_limit(sample_shards, tmp_path):
     """At the end of the run the upload in flight gets checkpoint.mirror_timeout_s: past it
     the run says so in one line and ends (exit 0), its local checkpoints complete."""

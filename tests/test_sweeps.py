@@ -134,6 +134,7 @@ def make_sweep(args: list[str], *make_vars: str, env: dict[str, str] | None = No
                             **popen)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_jobs_side_by_side_give_each_job_the_result_it_has_alone(sample_shards, grid, tmp_path):
     """`make sweep JOBS=2`: the 3 jobs of sweep=lr_grid run two at a time, each a process of its
     own on its half of the cores (OMP_NUM_THREADS), in runs/lrs/<job> as before, and each
@@ -211,7 +212,8 @@ def test_a_sweep_exits_with_what_its_jobs_need(codes, expected, tmp_path):
     assert sweep_exit_code(exits) == expected
 
 
-@pytest.mark.parametrize("to", [pytest.param("sweep", marks=pytest.mark.slow), "group"])
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["sweep", "group"])
 def test_a_stopped_sweep_checkpoints_its_jobs_and_exits_75(sample_shards, tmp_path, to):
     """SIGTERM to the sweep's own process (to=sweep) or to every process of it (to=group, as a
     scheduler sends it) while two jobs train side by side and a third waits: both training runs

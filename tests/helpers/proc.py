@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,10 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+def sigint_as_at_a_terminal() -> None:
+    """preexec_fn of a child the test sends SIGINT (Ctrl-C): SIGINT's default action, however
+    the tests were started (a shell starts background jobs with SIGINT ignored, and an ignored
+    signal stays ignored across exec, where python then installs no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
