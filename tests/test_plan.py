@@ -470,7 +470,7 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("layout", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_the_run_probe_builds_the_runs_training_step(layout):
     """max-batch's probe takes the run's settings: a tiny recipe with activation checkpointing
     and the full loss, wrapped in DDP (its gradient buckets) or sharded with FSDP, runs real

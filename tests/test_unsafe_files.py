@@ -397,8 +397,10 @@ def test_rng_states_of_the_wrong_kind_are_one_line(runs, sample_shards, tmp_path
 @pytest.mark.parametrize(
     "edit,why",
     [
-        (lambda s: s.update(step="4"), "step is '4', not a JSON int"),
-        (lambda s: s["config"].update(model=[1]), "config.model is not a JSON object"),
+        pytest.param(lambda s: s.update(step="4"), "step is '4', not a JSON int",
+                     marks=pytest.mark.slow),  # the same check as the other two
+        pytest.param(lambda s: s["config"].update(model=[1]), "config.model is not a JSON object",
+                     marks=pytest.mark.slow),
         (lambda s: s["files"].update({"../x": {"bytes": 1, "sha256": "0"}}),
          "files lists '../x' without a plain name, its bytes and its sha256"),
     ],

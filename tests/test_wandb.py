@@ -115,7 +115,10 @@ def test_wandb_dying_mid_run_is_one_warning_and_the_run_goes_on(sample_shards, t
     assert "Traceback" not in err and "Exception ignored" not in err
 
 
-@pytest.mark.parametrize("value", ["logger.init_timeout=0", "logger.finish_timeout=-1"])
+@pytest.mark.parametrize(
+    "value",
+    [pytest.param("logger.init_timeout=0", marks=pytest.mark.slow), "logger.finish_timeout=-1"],
+)
 def test_timeouts_must_be_positive(sample_shards, tmp_path, value):
     done = run_module("train", *tiny_run(sample_shards, tmp_path, "run", value), timeout=120)
     assert done.returncode == USER_ERROR and "logger.init_timeout=" in done.stderr
