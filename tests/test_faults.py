@@ -10,12 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.paths import REPO
+from helpers.proc import wait_until
 from helpers.runs import final_weights, records, weights
 from helpers.tiny import tiny_run, train_config
 
@@ -86,10 +86,7 @@ def test_sigterm_checkpoints_and_exits_for_a_restart(sample_shards, reference, t
     args = overrides(sample_shards, tmp_path) + ["checkpoint.interval=0"]
     metrics = tmp_path / "run" / "metrics.jsonl"
     process = subprocess.Popen(command(args), cwd=REPO, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(process, lambda: metrics.exists() and '"kind": "train"' in metrics.read_text(), 120)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED, out
@@ -115,10 +112,7 @@ def test_sigterm_while_a_checkpoint_is_written_completes_it_before_exiting(
     env = {**os.environ, "PIPELINE_FAULT": "stall:2"}
     metrics = tmp_path / "run" / "metrics.jsonl"
     process = subprocess.Popen(command(args), cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and '"step": 3' in metrics.read_text()):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(process, lambda: metrics.exists() and '"step": 3' in metrics.read_text(), 120)
     assert not list_checkpoints(tmp_path / "run")  # checkpoint 2 is in flight
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)

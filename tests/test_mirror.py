@@ -12,14 +12,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.env import process_env
 from helpers.paths import REPO
-from helpers.proc import command, run_module
+from helpers.proc import command, run_module, wait_until
 from helpers.runs import final_weights
 from helpers.tiny import tiny_run, train_config
 
@@ -260,10 +259,7 @@ def test_a_preempted_run_exits_75_once_its_last_checkpoint_is_mirrored(sample_sh
     env = process_env(PIPELINE_FAULT="mirror_stall:2")
     process = subprocess.Popen(command("train", *args), cwd=REPO, stdout=subprocess.PIPE,
                                text=True, env=env)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and '"step": 3' in metrics.read_text()):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(process, lambda: metrics.exists() and '"step": 3' in metrics.read_text(), 120)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED, out

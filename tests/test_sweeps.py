@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib.image
@@ -15,7 +14,7 @@ import pytest
 import yaml
 from helpers.env import process_env
 from helpers.paths import REPO
-from helpers.proc import command, run_module
+from helpers.proc import command, run_module, wait_until
 from helpers.runs import records, wandb_run_record
 
 from pipeline.errors import PREEMPTED, ConfigError
@@ -167,10 +166,8 @@ def test_a_killed_sweep_run_again_continues_it(sample_shards, tmp_path):
     sweep = tmp_path / "lrs"
     process = make_sweep(args, "JOBS=1", env={"PIPELINE_FAULT": "stall:4"},
                          start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (sweep / "1" / "checkpoints" / "step_0000003" / "state.json").is_file():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    step3 = sweep / "1" / "checkpoints" / "step_0000003" / "state.json"
+    wait_until(process, step3.is_file, 240)
     os.killpg(process.pid, signal.SIGKILL)  # job 1's checkpoint 4 is still being written
     process.communicate(timeout=60)
     steps = {j: [p.name for p in list_checkpoints(sweep / j)] for j in "01"}
@@ -226,10 +223,8 @@ def test_a_stopped_sweep_checkpoints_its_jobs_and_exits_75(sample_shards, tmp_pa
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)  # fmt: skip
     metrics = [tmp_path / "lrs" / j / "metrics.jsonl" for j in "01"]
-    deadline = time.monotonic() + 240
-    while not all(m.exists() and '"kind": "train"' in m.read_text() for m in metrics):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    trained = lambda m: m.exists() and '"kind": "train"' in m.read_text()  # noqa: E731
+    wait_until(process, lambda: all(map(trained, metrics)), 240)
     if to == "sweep":
         process.send_signal(signal.SIGTERM)
     else:

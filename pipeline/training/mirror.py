@@ -120,6 +120,18 @@ class Mirror:
                 found[state["step"]] = state  # its files plain names: nothing lands elsewhere
         return found
 
+    def _local(self) -> dict[int, tuple[Path, dict]]:
+        """The run's complete local checkpoints: {step: (folder, state.json)}; a damaged one,
+        or one rotated away meanwhile, is left out."""
+        local = {}
+        for path in list_checkpoints(self.run_dir):
+            try:
+                state = read_state(path)
+                local[state["step"]] = (path, state)
+            except (CheckpointError, KeyError):
+                continue
+        return local
+
     def _step_folder(self, step: int) -> str:
         return f"{self.folder}/{checkpoint_dir(Path(), step).name}"  # .../step_NNNNNNN
 
@@ -160,13 +172,7 @@ class Mirror:
         mirrored ones rotation drops, counting only what is mirrored now (a checkpoint rotated
         away locally before its upload never costs the mirror its predecessor), and partial
         uploads. Returns the steps uploaded. Raises the file system's errors."""
-        local = {}
-        for path in list_checkpoints(self.run_dir):
-            try:
-                state = read_state(path)
-            except CheckpointError:
-                continue  # damaged or rotated away meanwhile: not mirrored
-            local[state["step"]] = (path, state)
+        local = self._local()
         remote = self.remote()
         keep = keep_by_rotation({**{s: st for s, (_, st) in local.items()}, **remote},
                                 self.keep_last)  # fmt: skip
@@ -244,12 +250,7 @@ class Mirror:
         or None when the local checkpoints are as new. A mirrored checkpoint that fails its
         checks is reported and the one before it tried. Raises CheckpointError when the mirror
         cannot be read, UnsafeFileError for a file that would run code."""
-        local = []
-        for path in list_checkpoints(self.run_dir):
-            try:
-                local.append(read_state(path)["step"])
-            except (CheckpointError, KeyError):
-                continue
+        local = self._local()
         try:
             remote = retried(self.remote)
         except Exception as e:  # noqa: BLE001 - every file system raises its own

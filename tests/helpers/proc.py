@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from helpers.env import process_env
@@ -41,3 +43,12 @@ def sigint_as_at_a_terminal() -> None:
     the tests were started (a shell starts background jobs with SIGINT ignored, and an ignored
     signal stays ignored across exec, where python then installs no KeyboardInterrupt)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_until(process: subprocess.Popen, ready: Callable[[], bool], timeout_s: float) -> None:
+    """Poll ready() every 50 ms until it holds; fails if the process ends first or timeout_s
+    seconds pass (a hang)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
