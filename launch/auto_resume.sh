@@ -5,13 +5,13 @@
 #   make train-auto EXPERIMENT=gpt2_124m_10bt NPROC=8
 # Each start continues from the newest good checkpoint (checkpoint.resume=auto), and a run that is
 # already complete exits 0 at once, which ends the loop.
-# Exit codes of `python -m pipeline.train`: 0 complete; 75 stopped by SIGTERM/SIGUSR1 after a
-# checkpoint (restart); 2 config, data or checkpoint error and 3 diverged (a restart cannot fix
-# them: stop); anything else a crash (restart). Launchers of several processes (accelerate,
-# torchrun) report any worker failure as 1, so the loop also stops after FAST_FAILURES starts in
-# a row (default 3) that each failed within MIN_RUNTIME seconds (default 120): a run that
-# cannot start. MAX_RESTARTS (default 100) bounds the loop; RESTART_DELAY (default 10 s)
-# spaces the starts.
+# Exit codes of `python -m pipeline.train`: 0 complete; 75 stopped by SIGTERM/SIGUSR1/SIGUSR2
+# after a checkpoint (restart); 2 config, data or checkpoint error and 3 diverged (a restart
+# cannot fix them: stop); anything else a crash (restart). Launchers of several processes
+# (accelerate, torchrun) report any worker failure as 1, so the loop also stops after
+# FAST_FAILURES starts in a row (default 3) that each failed within MIN_RUNTIME seconds (default
+# 120): a run that cannot start. MAX_RESTARTS (default 100) bounds the loop; RESTART_DELAY
+# (default 10 s) spaces the starts.
 set -uo pipefail
 MAX_RESTARTS=${MAX_RESTARTS:-100}
 RESTART_DELAY=${RESTART_DELAY:-10}

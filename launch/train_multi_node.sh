@@ -17,8 +17,9 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 [ "$GPUS_PER_NODE" -ge 1 ] || { echo "error: no GPU found; set GPUS_PER_NODE" >&2; exit 2; }
 PYTHON=${PYTHON:-.venv/bin/python}
 # torchrun forwards these signals to every worker and then waits PET_SHUTDOWN_TIMEOUT seconds:
-# the trainer finishes its step, writes a checkpoint and exits (SLURM sends SIGUSR1 or SIGTERM).
-export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# the trainer finishes its step, writes a checkpoint and exits (SLURM sends SIGUSR1 or SIGTERM,
+# submitit SIGUSR2).
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
 export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-300}
 source launch/workers.sh  # run_workers: the training processes' own exit code, signals passed on
 run_workers "$PYTHON" -m accelerate.commands.launch --config_file launch/multi_gpu.yaml \

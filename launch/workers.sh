@@ -7,7 +7,7 @@
 # writes its code to $PIPELINE_EXIT_DIR/rank-<RANK> (pipeline.errors.recorded_exit); a failed
 # launch exits with the code written first (the first failure: the others are its consequence),
 # or the launcher's own when no worker wrote one (killed outright). The launcher (torchrun) runs
-# in the background: TERM, HUP and USR1 sent to this shell's process alone (a scheduler's
+# in the background: TERM, HUP, USR1 and USR2 sent to this shell's process alone (a scheduler's
 # preemption notice) are passed on to it, and it forwards them to every worker
 # (PET_SIGNALS_TO_HANDLE). INT and QUIT come from a terminal to the whole process group, the
 # launcher included, so this shell only outlives them to report the code. (A background job's
@@ -19,7 +19,7 @@ run_workers() {
     export PIPELINE_EXIT_DIR=$codes
     "$@" &
     pid=$!
-    for sig in TERM HUP USR1; do
+    for sig in TERM HUP USR1 USR2; do
         # shellcheck disable=SC2064  # the pid is fixed now
         trap "kill -s $sig $pid 2>/dev/null" "$sig"
     done

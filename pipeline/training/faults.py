@@ -54,11 +54,12 @@ def inject(point: str, step: int) -> bool:
 
 
 class StopSignal:
-    """Notes SIGTERM or SIGUSR1, which cloud providers and SLURM send before killing a job, so
-    the loop can finish its step, write a checkpoint and exit with pipeline.errors.PREEMPTED.
+    """Notes SIGTERM, SIGUSR1 or SIGUSR2, which cloud providers and SLURM send before killing a
+    job (SIGUSR2: submitit's notice of a time limit or preemption, hydra/launcher=slurm), so the
+    loop can finish its step, write a checkpoint and exit with pipeline.errors.PREEMPTED.
     A context manager: the previous handlers come back on exit (main thread only)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: str | None = None

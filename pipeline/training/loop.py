@@ -174,7 +174,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
 def train(cfg: TrainConfig) -> dict:
     """Train per cfg; returns a summary: steps, tokens_seen, val_loss and best_val_loss
     (nats/token, None without validation), checkpoint path, wall_s, and preempted (stopped by
-    SIGTERM/SIGUSR1 after writing a checkpoint; run again to continue).
+    SIGTERM/SIGUSR1/SIGUSR2 after writing a checkpoint; run again to continue).
 
     Raises ConfigError (listing every problem), ShardError or CheckpointError before the first
     step when the config, data or checkpoints cannot run; NumericsError after
