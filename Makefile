@@ -15,6 +15,9 @@ CHECKPOINT_REPO ?=
 MIRROR ?=
 JOBS ?=
 GPUS_PER_JOB ?= 1
+LAUNCHER ?= parallel
+PARTITION ?=
+TIME_MIN ?=
 STEP ?=
 MODEL ?= gpt2
 TOKENS ?= 10e9
@@ -50,6 +53,7 @@ help: ## List the targets
 	@echo "  PROMPT='$(PROMPT)' FORMAT=$(FORMAT) OUT=$(OUT) HF_REPO= HELLASWAG= TOKENIZER_DIR= TASKS="
 	@echo "  MODEL=$(MODEL) TOKENS=$(TOKENS) GPUS=$(GPUS) PRICE=$(PRICE)"
 	@echo "  MIRROR=<fsspec URL: checkpoint mirror> JOBS=<sweep jobs at a time> GPUS_PER_JOB=$(GPUS_PER_JOB)"
+	@echo "  LAUNCHER=$(LAUNCHER) (or slurm, slurm_local) PARTITION=<SLURM partition> TIME_MIN=<SLURM minutes>"
 
 # Last, the book's package (llms-from-scratch, for `export --format book` and its tests): its
 # ch04 needs only torch, but its metadata asks for tensorflow, numpy<2.1 and Python <= 3.13.
@@ -93,9 +97,10 @@ train-nodes: $(VENV)/.installed ## One node of a multi-node run (MAIN_ADDR, NNOD
 resume: $(VENV)/.installed ## Continue EXPERIMENT from its newest checkpoint (fails if it has none)
 	$(TRAIN) $(TRAIN_ARGS) checkpoint.resume=latest
 
-sweep: $(VENV)/.installed ## Hydra sweep SWEEP (conf/sweep/) over EXPERIMENT, JOBS at a time of GPUS_PER_JOB GPUs each: job N is runs/<run_name>/N
+sweep: $(VENV)/.installed ## Hydra sweep SWEEP (conf/sweep/) over EXPERIMENT, JOBS at a time of GPUS_PER_JOB GPUs each (LAUNCHER=slurm: SLURM jobs): job N is runs/<run_name>/N
 	$(PYTHON) -m pipeline.train $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) sweep=$(SWEEP) \
-		hydra/launcher=parallel launch.gpus_per_job=$(GPUS_PER_JOB) $(if $(JOBS),launch.jobs=$(JOBS)) $(ARGS)
+		hydra/launcher=$(LAUNCHER) launch.gpus_per_job=$(GPUS_PER_JOB) $(if $(JOBS),launch.jobs=$(JOBS)) \
+		$(if $(PARTITION),launch.partition=$(PARTITION)) $(if $(TIME_MIN),launch.time_min=$(TIME_MIN)) $(ARGS)
 
 plot: $(VENV)/.installed ## Train and validation loss against tokens of RUNS (runs or sweeps) into PLOT
 	$(PYTHON) -m pipeline.plot $(RUNS) --out $(PLOT)

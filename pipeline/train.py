@@ -14,10 +14,13 @@ from pipeline.config.cli import check_command_line
 from pipeline.errors import PREEMPTED, guard, raise_if, recorded_exit
 from pipeline.training.loop import check_run_folder, for_sweep_job, train
 from pipeline.training.sweep import (
+    CLUSTER_LAUNCHERS,
     collect_exits,
-    parallel_sweep_job,
-    run_parallel_job,
+    command_line_sweeps,
+    job_exits,
+    run_sweep_job,
     sweep_exit_code,
+    sweep_launcher,
 )
 from pipeline.training.wandb_run import login_problem
 
@@ -31,8 +34,9 @@ def main(cfg: DictConfig) -> float | None:
     validation loss, the objective a sweeper (e.g. Optuna) minimises. Exits with
     pipeline.errors' codes: 2 config, data or checkpoint problem, 3 diverged, 75 preempted
     after a checkpoint (run again to continue), 130 interrupted."""
-    if parallel_sweep_job():  # hydra/launcher=parallel: the job trains as a process of its own
-        return run_parallel_job(to_dataclass(cfg))
+    launcher = sweep_launcher()
+    if launcher:  # hydra/launcher=parallel or slurm: the job trains as a process of its own
+        return run_sweep_job(to_dataclass(cfg), launcher)
     summary = train(for_sweep_job(to_dataclass(cfg)))
     if summary["preempted"]:
         sys.exit(PREEMPTED)
@@ -55,10 +59,16 @@ def check(argv: list[str]) -> None:
 if __name__ == "__main__":
     with recorded_exit():  # the launch scripts' exit code (launch/workers.sh)
         check(sys.argv[1:])
-        parallel = "hydra/launcher=parallel" in sys.argv[1:]
-        with collect_exits(parallel) as exits:  # the codes of a parallel sweep's jobs
+        launcher = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra/launcher=")]
+        parallel = launcher[-1:] == ["parallel"]
+        shared = bool(launcher) and launcher[-1] in CLUSTER_LAUNCHERS
+        swept = command_line_sweeps(sys.argv[1:])
+        with collect_exits(parallel, shared, swept) as exits:  # the codes of a sweep's jobs
             main()
             code = sweep_exit_code(exits)
-        if code == PREEMPTED and parallel:
+            if shared:  # the jobs' own lines are in their logs, on other machines
+                for job, exit_code in sorted(job_exits(exits).items()):
+                    print(f"job {job}: exit {exit_code}", flush=True)
+        if code == PREEMPTED and (parallel or shared):
             print("sweep stopped: run the same command to continue it", flush=True)
         sys.exit(code)

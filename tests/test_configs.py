@@ -108,3 +108,35 @@ def test_the_parallel_launcher_composes_with_its_number_of_jobs(jobs):
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     expected = jobs or max(1, torch.cuda.device_count())  # one job per GPU, 1 without one
     assert cfg.hydra.launcher.n_jobs == expected
+
+
+@pytest.mark.parametrize("jobs", [None, 4])
+def test_the_slurm_launchers_compose_with_the_job_resources(jobs):
+    """conf/hydra/launcher/slurm.yaml (and slurm_local.yaml, its path on this machine):
+    hydra-submitit-launcher's SLURM launcher with each job's GPUs, time limit and partition
+    from launch.*, one task per job (the job starts its own processes), requeued after a
+    time limit (max_num_timeout), and as many jobs at once as launch.jobs (256 when null)."""
+    overrides = ["sweep=lr_grid", "hydra/launcher=slurm", "launch.partition=gpu",
+                 "launch.time_min=90", "launch.gpus_per_job=8"] + (
+        [f"launch.jobs={jobs}"] if jobs else [])  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        local = compose("train", ["sweep=lr_grid", "hydra/launcher=slurm_local"],
+                        return_hydra_config=True)  # fmt: skip
+    slurm = cfg.hydra.launcher
+    assert slurm._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (slurm.partition, slurm.timeout_min, slurm.gpus_per_node) == ("gpu", 90, 8)
+    assert (slurm.tasks_per_node, slurm.nodes, slurm.array_parallelism) == (1, 1, jobs or 256)
+    assert slurm.max_num_timeout > 0 and slurm.signal_delay_s == 600
+    assert local.hydra.launcher._target_.endswith("submitit_launcher.LocalLauncher")
+    assert local.hydra.launcher.gpus_per_node == 0
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm"])
+def test_an_optuna_sweep_runs_as_many_trials_at_once_as_its_launcher_runs_jobs(launcher):
+    """conf/sweep/lr_optuna.yaml: n_jobs (trials asked of the study at once) follows launch.jobs
+    through either launcher (joblib's n_jobs, submitit's array_parallelism)."""
+    overrides = ["sweep=lr_optuna", f"hydra/launcher={launcher}", "launch.jobs=3"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.sweeper.n_jobs == 3

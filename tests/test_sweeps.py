@@ -19,8 +19,9 @@ from helpers.runs import records, wandb_run_record
 
 from pipeline.errors import PREEMPTED, ConfigError
 from pipeline.tools.plot import expand_runs, read_curves
+from pipeline.training import sweep as sweeps
 from pipeline.training.checkpoint import list_checkpoints
-from pipeline.training.sweep import hold_slot, slot_env, sweep_exit_code
+from pipeline.training.sweep import hold_slot, slot_env, slot_locks, sweep_exit_code
 
 
 def small(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
@@ -187,7 +188,7 @@ def test_a_killed_sweep_run_again_continues_it(sample_shards, tmp_path):
     assert records(sweep / "0", "val")[-1]["loss"] == loss0
 
 
-def test_each_slot_gets_its_own_gpus_and_share_of_the_cores(tmp_path):
+def test_each_slot_gets_its_own_gpus_and_share_of_the_cores(tmp_path, monkeypatch):
     gpus = ["0", "1", "2", "3"]
     assert slot_env(1, 2, 2, gpus, 16) == {"CUDA_VISIBLE_DEVICES": "2,3", "OMP_NUM_THREADS": "4"}
     assert slot_env(0, 2, 1, [], 2) == {"OMP_NUM_THREADS": "1"}  # a CPU: half the cores
@@ -197,6 +198,15 @@ def test_each_slot_gets_its_own_gpus_and_share_of_the_cores(tmp_path):
         assert {first, second} == {0, 1}  # held for the block's lifetime, never shared
     with hold_slot(tmp_path, 2) as again:
         assert again == 0  # released when its holder ended
+    # GPUs are held machine-wide: a second sweep (another folder, other slot sizes) never
+    # gets a GPU a job of the first holds
+    monkeypatch.setattr(sweeps, "GPU_LOCKS", tmp_path / "gpus")
+    with hold_slot(tmp_path / "a", 4, 1, gpus) as a, hold_slot(tmp_path / "b", 2, 2, gpus) as b:
+        assert (a, b) == (0, 1)  # b's slot 0 (GPUs 0 and 1) would share GPU 0
+        assert sweeps._lock_all(slot_locks(tmp_path / "c", 0, 3, gpus)) is None  # 0-2 taken
+        with hold_slot(tmp_path / "c", 4, 1, gpus) as c:
+            assert c == 1  # GPU 1: neither a's nor b's
+    assert sorted(p.name for p in (tmp_path / "gpus").iterdir()) == [f"{g}.lock" for g in gpus]
 
 
 @pytest.mark.parametrize(
@@ -207,6 +217,9 @@ def test_a_sweep_exits_with_what_its_jobs_need(codes, expected, tmp_path):
     exits = tmp_path / "exits.jsonl"
     exits.write_text("".join(json.dumps({"job": i, "exit": c}) + "\n" for i, c in enumerate(codes)))
     assert sweep_exit_code(exits) == expected
+    with exits.open("a") as f:  # a requeued job reports again: its last code counts
+        f.writelines(json.dumps({"job": i, "exit": 0}) + "\n" for i in range(len(codes)))
+    assert sweep_exit_code(exits) == 0
 
 
 @pytest.mark.slow
@@ -237,3 +250,84 @@ def test_a_stopped_sweep_checkpoints_its_jobs_and_exits_75(sample_shards, tmp_pa
         assert 1 <= step["step"] < 400
     assert "job 2 not started: the sweep is stopping" in out
     assert out.rstrip().endswith("sweep stopped: run the same command to continue it")
+
+
+# --------------------------------------------------------- SLURM jobs (hydra/launcher=slurm)
+
+
+def job_process(run_name: str) -> int:
+    """The pid of the process of a sweep job whose training (run `run_name`) runs now: the
+    training process's parent."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            if b"pipeline.train" in args and f"trainer.run_name={run_name}".encode() in args:
+                return int(stat.rsplit(")", 1)[1].split()[1])  # ppid
+    raise AssertionError(f"no training process of {run_name}")
+
+
+@pytest.mark.slow
+def test_a_slurm_sweep_requeues_a_job_at_its_time_limit_and_it_continues(sample_shards, tmp_path):
+    """`make sweep LAUNCHER=slurm_local`: the SLURM launcher's path with submitit's local
+    executor (real job processes). submitit's notice of a time limit (SIGUSR2 to the job's
+    process, as SLURM sends it) makes job 0's training checkpoint and exit 75; submitit
+    requeues the job, which continues from that checkpoint to the end. The sweep exits 0 and
+    lists each job's exit code."""
+    replaced = ("trainer.max_steps=", "eval.interval=", "checkpoint.interval=")
+    args = [a for a in small(sample_shards, tmp_path, "lrs") if not a.startswith(replaced)]
+    # the command line's sweep (2 jobs: max_steps 300 and 6) replaces lr_grid's learning rates
+    args += ["eval.interval=1000", "checkpoint.interval=1000", "optim.max_lr=1e-3"]
+    args += ["trainer.max_steps=300,6"]
+    process = make_sweep(args, "LAUNCHER=slurm_local", start_new_session=True)
+    metrics = tmp_path / "lrs" / "0" / "metrics.jsonl"
+    wait_until(process, lambda: metrics.exists() and '"kind": "train"' in metrics.read_text(), 240)
+    os.kill(job_process("lrs/0"), signal.SIGUSR2)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out[-3000:]
+    assert "job 0: exit 0" in out and "job 1: exit 0" in out
+    sweep = tmp_path / "lrs"
+    log = (sweep / "0" / "train.log").read_text()
+    stopped = int(log.split("stopping after step ")[1].split()[0])  # on the notice
+    assert 1 <= stopped < 300 and "on SIGUSR2" in log
+    assert f"resuming from {sweep / '0' / 'checkpoints' / f'step_{stopped:07d}'}" in log
+    assert list_checkpoints(sweep / "0")[-1].name == "step_0000300"  # continued to the end
+    submitit = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_0_log.*"))
+    assert "job 0: requeued to continue from its checkpoint" in submitit
+    assert "Requeued job" in submitit
+    assert list_checkpoints(sweep / "1")[-1].name == "step_0000006"  # job 1 untouched by it
+
+
+@pytest.mark.slow
+def test_a_killed_optuna_sweep_continues_its_interrupted_trial(sample_shards, tmp_path):
+    """`make sweep SWEEP=lr_optuna JOBS=1`, killed (SIGKILL to every process) while its second
+    trial (job 1) is between checkpoints: running it again continues job 1 from its checkpoint
+    in its own folder, with its own values, and adds its result to the study as a completed
+    trial; no third job starts (2 trials were asked for), and job 0 is not trained again."""
+    longer = {"trainer.max_steps": "6", "eval.interval": "6", "checkpoint.interval": "2"}
+    args = [a for a in small(sample_shards, tmp_path, "tpe") if a.split("=")[0] not in longer]
+    args += [f"{k}={v}" for k, v in longer.items()] + ["hydra.sweeper.n_trials=2"]
+    sweep = tmp_path / "tpe"
+    process = make_sweep(args, "JOBS=1", env={"PIPELINE_FAULT": "stall:4"}, sweep="lr_optuna",
+                         start_new_session=True)  # fmt: skip
+    step3 = sweep / "1" / "checkpoints" / "step_0000003" / "state.json"
+    wait_until(process, step3.is_file, 240)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    values = json.loads((sweep / "1" / "job.json").read_text())["identity"]
+    log0 = (sweep / "0" / "train.log").read_text()
+
+    again = make_sweep(args, "JOBS=1", sweep="lr_optuna")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    assert "job 1 started" in out and "job 0 started" not in out and "job 2" not in out
+    assert f"resuming from {sweep / '1' / 'checkpoints' / 'step_0000003'}" in (
+        sweep / "1" / "train.log").read_text()  # fmt: skip
+    assert json.loads((sweep / "1" / "job.json").read_text())["identity"] == values
+    assert (sweep / "0" / "train.log").read_text() == log0
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    finals = [records(sweep / str(i), "val")[-1]["loss"] for i in range(2)]
+    assert result["best_value"] == pytest.approx(min(finals))

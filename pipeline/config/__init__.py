@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.config.evaluate import EvaluateConfig, SampleConfig
-from pipeline.config.launch import parallel_jobs
+from pipeline.config.launch import array_parallelism, parallel_jobs
 from pipeline.config.prepare import PrepareConfig, SourceConfig
 from pipeline.config.train import (
     COMPILE_MODES,
@@ -53,6 +53,7 @@ __all__ = [
 def register_configs() -> None:
     """Register the root schemas with Hydra; `conf/*.yaml` list them first in `defaults`."""
     OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
+    OmegaConf.register_new_resolver("array_parallelism", array_parallelism, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="train_schema", node=TrainConfig)
