@@ -124,12 +124,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def copy_atomic(src: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy a file to dest atomically (see atomic_path)."""
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     """sha256 hex digest of a file, read in 16 MiB chunks."""
     h = hashlib.sha256()

@@ -480,3 +480,14 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+def unwrap_model(model: torch.nn.Module) -> GPT:
+    """The GPT inside a torch.compile (`_orig_mod`) and/or DDP (`module`) wrapper; the model
+    itself when it is not wrapped. Raises TypeError for anything that is not a GPT inside."""
+    while not isinstance(model, GPT):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"expected a pipeline.model.GPT, got {type(model).__name__}")
+        model = inner
+    return model

@@ -13,7 +13,7 @@ from helpers.runs import records
 from helpers.tiny import tiny_run
 
 from pipeline.errors import DIVERGED, USER_ERROR
-from pipeline.evaluation.scoring import perplexity
+from pipeline.scoring.loss import perplexity
 
 
 def test_perplexity_of_a_huge_loss_is_infinite():

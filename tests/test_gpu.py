@@ -178,7 +178,7 @@ def test_muon_split_over_two_gpus_equals_every_gpu_running_it(sample_shards, tmp
 
 PROBE_CODE = """
 import json
-from pipeline.config import compose_train
+from pipeline.config.cli import compose_train
 from pipeline.tools.probe import RunProbe
 cfg = compose_train(["model=tiny", "model.n_layer=2", "model.n_embd=256", "model.n_head=4",
                      "model.block_size=256", "runtime.compile=false"])

@@ -23,7 +23,6 @@ from pipeline.config import EvaluateConfig
 from pipeline.data.tokenizer import GPT2_FILES, OPENAI_FILES, get_encoding
 from pipeline.errors import USER_ERROR, HFError, guard
 from pipeline.evaluation.evaluate import evaluate
-from pipeline.evaluation.hellaswag import evaluate_hellaswag, load_items
 from pipeline.hf import main as hf_main
 from pipeline.interop import hf_export
 from pipeline.interop.hf import (
@@ -36,6 +35,7 @@ from pipeline.interop.hf import (
 )
 from pipeline.interop.hf_export import export_hf, push_hf
 from pipeline.model import GPT, PRESETS, ModelConfig
+from pipeline.scoring.hellaswag import evaluate_hellaswag, load_items
 from pipeline.training.loop import train
 
 

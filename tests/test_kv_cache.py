@@ -14,8 +14,8 @@ from pipeline.config import SampleConfig
 from pipeline.data.tokenizer import get_encoding
 from pipeline.evaluation.loading import load_for_eval
 from pipeline.evaluation.sample import sample
-from pipeline.evaluation.scoring import generate_text
 from pipeline.model import GPT, KVCache, ModelConfig
+from pipeline.scoring.sampling import generate_text
 from pipeline.training.loop import train
 
 RANDOM_MODELS = {

@@ -453,7 +453,7 @@ PROBE_CODE = """
 import json, sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from pipeline.config import compose_train
+from pipeline.config.cli import compose_train
 from pipeline.tools.probe import RunProbe
 cfg = compose_train(json.loads(sys.argv[1]))
 probe = RunProbe.build(cfg, data_parallel=sys.argv[2] == "ddp")

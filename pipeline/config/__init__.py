@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.config.evaluate import EvaluateConfig, SampleConfig
@@ -38,6 +38,7 @@ from pipeline.config.train import (
     RuntimeConfig,
     TrainConfig,
     TrainerConfig,
+    budget_steps,
 )
 from pipeline.errors import ConfigError
 
@@ -45,7 +46,7 @@ __all__ = [
     "COMPILE_MODES", "DECAY_SHAPES", "MUON_LR_ADJUSTMENTS", "OPTIMIZERS", "PRECISIONS", "RENAMED",
     "SCHEDULES", "CheckpointConfig", "DataConfig", "EvalConfig", "EvaluateConfig", "LoggerConfig",
     "OptimConfig", "PrepareConfig", "ProfileConfig", "RuntimeConfig", "SampleConfig",
-    "SourceConfig", "TrainConfig", "TrainerConfig", "as_dict", "compose_train", "conf_dir",
+    "SourceConfig", "TrainConfig", "TrainerConfig", "as_dict", "budget_steps", "conf_dir",
     "register_configs", "to_dataclass",
 ]  # fmt: skip
 
@@ -59,24 +60,6 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="sample_schema", node=SampleConfig)
-
-
-def compose_train(overrides: list[str]) -> TrainConfig:
-    """conf/train.yaml composed with Hydra overrides (`experiment=...`, `runtime.fsdp=true`, ...)
-    as `python -m pipeline.train` composes them, for tools that build a run's pieces without
-    running it. Raises ConfigError naming every problem of the overrides (pipeline.config.cli)."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.config.cli import check_command_line
-
-    composed = check_command_line("train", overrides, RENAMED)
-    if composed is None:  # HYDRA_FULL_ERROR=1: Hydra's own errors
-        register_configs()
-        with initialize_config_dir(conf_dir(), version_base="1.3"):
-            composed = compose("train", overrides=overrides)
-    with open_dict(composed):
-        composed.pop("hydra", None)
-    return to_dataclass(composed)
 
 
 def to_dataclass(cfg: DictConfig) -> Any:

@@ -33,7 +33,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.config import conf_dir, register_configs
+from pipeline.config import RENAMED, TrainConfig, conf_dir, register_configs, to_dataclass
 from pipeline.errors import ConfigError
 
 SKIPPED_FLAGS = ("help", "hydra_help", "info", "shell_completion", "config_path", "config_name",
@@ -288,3 +288,17 @@ def resolution_problems(cfg: DictConfig) -> list[str]:
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def compose_train(overrides: list[str]) -> TrainConfig:
+    """conf/train.yaml composed with Hydra overrides (`experiment=...`, `runtime.fsdp=true`, ...)
+    as `python -m pipeline.train` composes them, for tools that build a run's pieces without
+    running it. Raises ConfigError naming every problem of the overrides (pipeline.config.cli)."""
+    composed = check_command_line("train", overrides, RENAMED)
+    if composed is None:  # HYDRA_FULL_ERROR=1: Hydra's own errors
+        register_configs()
+        with initialize_config_dir(conf_dir(), version_base="1.3"):
+            composed = compose("train", overrides=overrides)
+    with open_dict(composed):
+        composed.pop("hydra", None)
+    return to_dataclass(composed)

@@ -202,7 +202,7 @@ class EvalConfig:
     """Validate every this many steps and at the end; 0 = only at the end."""
     tokens: int = 10_485_760
     """Validation tokens per evaluation (20 x 524,288, as build-nanogpt); 0 = no validation.
-    See pipeline.evaluation.scoring."""
+    See pipeline.scoring.loss."""
     sample_tokens: int = 64
     """Tokens generated from a fixed prompt at each evaluation (0 = none)."""
     hellaswag_items: int = 0
@@ -390,6 +390,12 @@ class LoggerConfig:
         return out
 
 
+def budget_steps(max_steps: int | None, max_tokens: int | None, tokens_per_step: int) -> int:
+    """A run's optimizer steps: max_steps, or ceil(max_tokens / tokens_per_step) when the budget
+    is given in tokens (trainer.max_tokens)."""
+    return max_steps if max_steps is not None else -(-max_tokens // tokens_per_step)
+
+
 @dataclass
 class TrainConfig:
     """`python -m pipeline.train`."""
@@ -411,10 +417,9 @@ class TrainConfig:
 
     @property
     def max_steps(self) -> int:
+        """The run's optimizer steps (budget_steps of trainer.*)."""
         t = self.trainer
-        if t.max_steps is not None:
-            return t.max_steps
-        return -(-t.max_tokens // t.tokens_per_step)
+        return budget_steps(t.max_steps, t.max_tokens, t.tokens_per_step)
 
     @property
     def decay_start(self) -> int:

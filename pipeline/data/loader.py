@@ -16,6 +16,8 @@ positions for any world size, so a run can resume on a different number of proce
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -123,12 +125,7 @@ class TrainLoader:
         for j in range(B):
             shard, offset = self.sample_location(start + j)
             buf[j] = self.shards[shard][offset : offset + T + 1]
-            if self.vocab_size is not None and buf[j].max() >= self.vocab_size:
-                raise ShardError(
-                    f"{self.files[shard]}: token id {buf[j].max()} at tokens {offset}.."
-                    f"{offset + T} is not below vocab_size {self.vocab_size}: the shard is "
-                    "corrupt or from another tokenizer; prepare the data again"
-                )
+            check_vocab(buf[j], self.vocab_size, self.files[shard], offset)
         batch = torch.from_numpy(buf)
         if self.device.type == "cuda":
             # Pinned host memory lets the copy run asynchronously with compute.
@@ -200,12 +197,7 @@ class ValidationWindows:
             take = min(hi, int(self.starts[k + 1])) - lo
             offset = lo - int(self.starts[k])
             out.append(self.shards[k][offset : offset + take])
-            if self.vocab_size is not None and out[-1].max() >= self.vocab_size:
-                raise ShardError(
-                    f"{self.files[k]}: token id {out[-1].max()} at tokens {offset}.."
-                    f"{offset + take - 1} is not below vocab_size {self.vocab_size}: the shard "
-                    "is corrupt or from another tokenizer; prepare the data again"
-                )
+            check_vocab(out[-1], self.vocab_size, self.files[k], offset)
             lo, k = lo + take, k + 1
         return np.concatenate(out).astype(np.int64)
 
@@ -213,11 +205,30 @@ class ValidationWindows:
         """Yield (x, y, weight) for rank's windows i ≡ rank (mod world_size): x, y (B, T) int64,
         weight (B,) float32 (0 for padding). Every rank yields the same number of batches (short
         ranks repeat a window with weight 0) so collective ops stay in step."""
-        per_rank = -(-self.num_windows // world_size)
-        mine = list(range(rank, self.num_windows, world_size))
-        weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
-        mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
-        for b in range(0, per_rank, micro_batch_size):
+        mine, weights = rank_share(self.num_windows, rank, world_size)
+        for b in range(0, len(mine), micro_batch_size):
             idx = mine[b : b + micro_batch_size]
             buf = torch.from_numpy(np.stack([self.window(i) for i in idx]))
             yield buf[:, :-1], buf[:, 1:], torch.tensor(weights[b : b + micro_batch_size])
+
+
+def rank_share(n: int, rank: int, world_size: int) -> tuple[list[int], list[float]]:
+    """The indices of `rank`'s share of n items (i ≡ rank mod world_size) and their weights
+    (1.0), padded to ceil(n / world_size) entries by repeating the last one with weight 0.0, so
+    that every rank runs the same passes and collectives stay in step."""
+    per_rank = -(-n // world_size)
+    mine = list(range(rank, n, world_size))
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
+    return mine, weights
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int | None, file: Path, offset: int) -> None:
+    """Raise ShardError, naming the file and the tokens' span, when a token id of `tokens` (read
+    from `file` at token `offset`) is not below vocab_size; no check when vocab_size is None."""
+    if vocab_size is not None and tokens.max() >= vocab_size:
+        raise ShardError(
+            f"{file}: token id {tokens.max()} at tokens {offset}..{offset + len(tokens) - 1} is "
+            f"not below vocab_size {vocab_size}: the shard is corrupt or from another "
+            "tokenizer; prepare the data again"
+        )

@@ -6,7 +6,7 @@ Tasks (`tasks=[val_loss,hellaswag]`, default `[val_loss]`):
   `pipeline.data.loader.ValidationWindows` (the first eval_tokens tokens of the validation split
   in consecutive block_size + 1 windows), identical for every checkpoint; perplexity = exp(loss).
 - hellaswag: completion-style HellaSwag accuracy, acc and acc_norm (see
-  pipeline.evaluation.hellaswag).
+  pipeline.scoring.hellaswag).
 
 The model is a checkpoint (a run folder's newest by default) or, with `pretrained=`, OpenAI's GPT-2
 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder (see
@@ -29,11 +29,12 @@ from pipeline.data.loader import ValidationWindows
 from pipeline.data.shards import MANIFEST, manifest_fingerprint, open_split
 from pipeline.data.tokenizer import get_encoding
 from pipeline.errors import ConfigError, ShardError, raise_if
-from pipeline.evaluation.hellaswag import evaluate_hellaswag, load_items, resolve_path
 from pipeline.evaluation.loading import Loaded, load_for_eval
 from pipeline.evaluation.reports import TASKS, keep_earlier_tasks, write_reports
-from pipeline.evaluation.scoring import estimate_loss, generate_text, perplexity
 from pipeline.model import GPT
+from pipeline.scoring.hellaswag import evaluate_hellaswag, load_items, resolve_path
+from pipeline.scoring.loss import estimate_loss, perplexity
+from pipeline.scoring.sampling import generate_text
 from pipeline.training.runtime import (
     autocast_for,
     keep_freed_memory_on_cpu,
@@ -137,7 +138,7 @@ def val_loss_result(
 
 def hellaswag_result(model: GPT, cfg: EvaluateConfig, device: torch.device, autocast) -> dict:
     """The hellaswag task on `hellaswag_path` (default: downloaded, see
-    pipeline.evaluation.hellaswag), its first `hellaswag_limit` items, micro_batch_size items per
+    pipeline.scoring.hellaswag), its first `hellaswag_limit` items, micro_batch_size items per
     pass: acc, acc_norm, n, path. Raises HellaSwagError."""
     path = resolve_path(cfg.hellaswag_path)
     items = load_items(path, cfg.hellaswag_limit)

@@ -13,7 +13,7 @@ from pipeline.config import SampleConfig
 from pipeline.data.tokenizer import get_encoding
 from pipeline.errors import raise_if
 from pipeline.evaluation.loading import load_for_eval
-from pipeline.evaluation.scoring import generate_text
+from pipeline.scoring.sampling import generate_text
 from pipeline.training.runtime import resolve_device
 
 

@@ -71,7 +71,7 @@ def from_hf_state_dict(
     targets, generation masks their logits, and training pushes their logits down. They do give
     the padding columns logit 0, which a softmax over all columns counts (GPT-2's logits are
     mostly well below 0), so a loss of imported weights must be taken over the first vocab_size
-    columns (pipeline.evaluation.hellaswag does) or the weights loaded with
+    columns (pipeline.scoring.hellaswag does) or the weights loaded with
     padded_vocab_size=None (as pipeline.evaluation.loading does for evaluate and sample).
     Raises HFError for a missing token embedding or an output layer not tied to it.
     """

@@ -27,9 +27,8 @@ from pipeline.files import atomic_dir, atomic_path, make_folder, write_failed, w
 from pipeline.interop.hf import CONFIG, WEIGHTS, hf_config, to_hf_state_dict
 from pipeline.interop.hub import prepare_repo
 from pipeline.interop.hub_errors import hub_errors, require_token
-from pipeline.model import GPT
+from pipeline.model import GPT, unwrap_model
 from pipeline.training.checkpoint import load_model, read_state, resolve_checkpoint, weights_sha256
-from pipeline.training.runtime import unwrap_model
 
 TOKENIZER_FILES = {
     "vocab.json": ("encoder.json", "vocab.json"),

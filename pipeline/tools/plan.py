@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from pipeline.config import TrainConfig, compose_train
+from pipeline.config import TrainConfig
+from pipeline.config.cli import compose_train
 from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.model import PRESETS, ModelConfig
 from pipeline.tools.cost import estimate_cost, measured_tokens_per_s

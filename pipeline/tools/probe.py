@@ -29,9 +29,21 @@ from pipeline.training.runtime import (
     compile_enabled,
     resolve_device,
     resolve_precision,
-    with_autocast,
 )
 from pipeline.training.step import SingleProcess, StepResult, TrainStep
+
+
+def _with_autocast(
+    module: Callable, autocast: Callable[[], contextlib.AbstractContextManager]
+) -> Callable:
+    """module(x, y) under autocast() (e.g. an accelerator's, or autocast_for's), for a model
+    that accelerator.prepare did not wrap."""
+
+    def forward(x: torch.Tensor, y: torch.Tensor):
+        with autocast():
+            return module(x, y)
+
+    return forward
 
 
 def find_max_micro_batch(
@@ -145,7 +157,7 @@ def training_steps(
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
     optim_cfg = OptimConfig(name=optimizer)
-    forward = with_autocast(torch.compile(model) if compile else model,
+    forward = _with_autocast(torch.compile(model) if compile else model,
                             autocast_for(precision, device))  # fmt: skip
     step = TrainStep(model, forward, build_optimizer(model, optim_cfg, device.type), grad_accum,
                      optim_cfg.grad_clip, SingleProcess(device))  # fmt: skip
@@ -215,7 +227,7 @@ class RunProbe:
             if self.compiled:
                 forward = torch.compile(wrapped, mode=cfg.runtime.compile_mode)
             precision = resolve_precision(cfg.runtime.precision, device)
-            forward = with_autocast(forward if self.compiled else wrapped,
+            forward = _with_autocast(forward if self.compiled else wrapped,
                                     autocast_for(precision, device))  # fmt: skip
         self.wrapped = wrapped
         self.step = TrainStep(model, forward, optimizer, 2, cfg.optim.grad_clip,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from pipeline.config import OptimConfig, TrainConfig
+from pipeline.config import OptimConfig, TrainConfig, budget_steps
 from pipeline.errors import ConfigError
 
 # --------------------------------------------------------------------------- schedules
@@ -45,11 +45,6 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.max_lr if step < max_steps else cfg.min_lr
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
-
-
-def lr_scale(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """The schedule as a factor of each optimizer's peak rate: lr_at / max_lr."""
-    return lr_at(step, cfg, max_steps) / cfg.max_lr
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -194,14 +189,6 @@ def load_sharded_named_state(
 # --------------------------------------------------------------------------- continuing a run
 
 
-def saved_max_steps(config: dict) -> int:
-    """max_steps of the run a checkpoint's recorded config (TrainConfig as a dict) describes."""
-    trainer = config["trainer"]
-    if trainer.get("max_steps") is not None:
-        return trainer["max_steps"]
-    return -(-trainer["max_tokens"] // trainer["tokens_per_step"])
-
-
 def continuation_problem(state: dict, cfg: TrainConfig) -> str | None:
     """Why the checkpoint whose state.json is `state` cannot continue the run cfg describes
     with the same learning rates up to its step, or None when it can.
@@ -225,7 +212,9 @@ def continuation_problem(state: dict, cfg: TrainConfig) -> str | None:
         ])  # fmt: skip
     if "trainer" not in saved:
         return None  # no recorded budget (a checkpoint written outside pipeline.train)
-    old_max, new_max = saved_max_steps(saved), cfg.max_steps
+    old = saved["trainer"]
+    old_max = budget_steps(old.get("max_steps"), old.get("max_tokens"), old["tokens_per_step"])
+    new_max = cfg.max_steps
     old_schedule = old_optim.get("schedule", "cosine")
     if old_schedule != cfg.optim.schedule:
         raise ConfigError([

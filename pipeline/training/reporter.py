@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import LoggerConfig
-from pipeline.evaluation.scoring import perplexity
 from pipeline.files import write_failed
+from pipeline.scoring.loss import perplexity
 from pipeline.training import runlog
 from pipeline.training.wandb_run import WandbRun
 

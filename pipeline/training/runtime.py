@@ -48,8 +48,10 @@ def keep_freed_memory_on_cpu(threshold_bytes: int = 1 << 30) -> bool:
 
 def resolve_device(cpu: bool = False) -> torch.device:
     """The device to run on: the current CUDA device when there is one and cpu is False (with
-    TF32 matmuls, use_tf32), else the CPU."""
+    TF32 matmuls, use_tf32), else the CPU (with freed memory kept, keep_freed_memory_on_cpu).
+    The current CUDA device is the process's own once accelerate has set it (LOCAL_RANK)."""
     if cpu or not torch.cuda.is_available():
+        keep_freed_memory_on_cpu()
         return torch.device("cpu")
     use_tf32()
     return torch.device("cuda", torch.cuda.current_device())
@@ -82,34 +84,17 @@ def autocast_for(
     return contextlib.nullcontext
 
 
-def unwrap_model(model: torch.nn.Module) -> GPT:
-    """The GPT inside a torch.compile (`_orig_mod`) and/or DDP (`module`) wrapper; the model
-    itself when it is not wrapped. Raises TypeError for anything that is not a GPT inside."""
-    while not isinstance(model, GPT):
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None:
-            raise TypeError(f"expected a pipeline.model.GPT, got {type(model).__name__}")
-        model = inner
-    return model
-
-
 def make_accelerator(cfg: RuntimeConfig) -> Accelerator:
     """One Accelerator owns devices, processes and mixed precision; precision as
-    resolve_precision decides for this process's device; collectives time out after
-    runtime.dist_timeout_s. On CUDA, float32 matmuls use TF32 (use_tf32)."""
+    resolve_precision decides for the device resolve_device picks; collectives time out after
+    runtime.dist_timeout_s."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    cpu = cfg.cpu or not torch.cuda.is_available()
-    if cpu:
-        keep_freed_memory_on_cpu()
-        device = torch.device("cpu")
-    else:
-        device = torch.device("cuda")
-        use_tf32()
+    device = resolve_device(cfg.cpu)  # before accelerate sets the process's own GPU: its type
     bf16 = resolve_precision(cfg.precision, device) == "bf16"
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no",
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
                        kwargs_handlers=[timeout])  # fmt: skip
 
 
@@ -133,19 +118,6 @@ def shard(model: GPT, precision: str, compile_mode: str | None = None) -> None:
             block.compile(mode=compile_mode, fullgraph=True)  # in place: same parameter names
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-
-
-def with_autocast(
-    module: Callable, autocast: Callable[[], contextlib.AbstractContextManager]
-) -> Callable:
-    """module(x, y) under autocast() (e.g. an accelerator's, or autocast_for's), for a model
-    that accelerator.prepare did not wrap."""
-
-    def forward(x: torch.Tensor, y: torch.Tensor):
-        with autocast():
-            return module(x, y)
-
-    return forward
 
 
 def compile_enabled(cfg: RuntimeConfig, device: torch.device) -> bool:

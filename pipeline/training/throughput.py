@@ -10,7 +10,6 @@ import torch
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched in order
 # against torch.cuda.get_device_name(); the first matching substring wins.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("GH200", 989.4e12),  # before H200, which its name contains
     ("H200", 989.4e12),
     ("H100 PCIe", 756.0e12),
     ("H100 NVL", 835.0e12),

@@ -13,9 +13,10 @@ from pipeline.config import DataConfig, EvalConfig
 from pipeline.data.loader import ValidationWindows
 from pipeline.data.shards import open_split
 from pipeline.data.tokenizer import get_encoding
-from pipeline.evaluation.hellaswag import evaluate_hellaswag, load_items, resolve_path
-from pipeline.evaluation.scoring import estimate_loss, generate_text
 from pipeline.model import GPT
+from pipeline.scoring.hellaswag import evaluate_hellaswag, load_items, resolve_path
+from pipeline.scoring.loss import estimate_loss
+from pipeline.scoring.sampling import generate_text
 from pipeline.training.reporter import Reporter
 from pipeline.training.state import RunState, every
 

@@ -89,7 +89,7 @@ def _build(overrides: list[str]):
     import torch
     import torch.distributed as dist
 
-    from pipeline.config import compose_train
+    from pipeline.config.cli import compose_train
     from pipeline.training.loop import build_model
     from pipeline.training.optim import build_optimizer
 
@@ -232,7 +232,7 @@ def bench_checkpoint(cases=CHECKPOINT_CASES) -> list[CheckpointResult]:
     for model, optimizer, processes in cases:
         overrides = case_overrides(model, optimizer, processes)
         with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
-            saves = run_ranks("checkpoint_save", {"overrides": overrides, "dir": tmp},
+            saves = run_ranks(checkpoint_save_child, {"overrides": overrides, "dir": tmp},
                               processes, env)  # fmt: skip
             dcp_path = list_checkpoints(Path(tmp) / "async")[-1]
             saved_bytes = sum(f.stat().st_size for f in dcp_path.iterdir())
@@ -241,7 +241,7 @@ def bench_checkpoint(cases=CHECKPOINT_CASES) -> list[CheckpointResult]:
             for name, path in (("format 1", Path(tmp) / "format_1"), ("DCP", dcp_path)):
                 if name == "format 1":  # a state.json as format 1 wrote it, for the loader
                     _state_json_of_format_1(path)
-                resumes[name] = run_ranks("checkpoint_resume", {"overrides": overrides,
+                resumes[name] = run_ranks(checkpoint_resume_child, {"overrides": overrides,
                                           "path": str(path)}, processes, env)  # fmt: skip
         slowest = {k: max(r["blocked"][k] for r in saves) for k in FORMATS}
         result = CheckpointResult(

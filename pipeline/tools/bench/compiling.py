@@ -107,7 +107,7 @@ def bench_compile(case=COMPILE_CASE) -> list[CompileResult]:
     for label, chunks in chunkings:
         with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
             r = run_child(
-                "compile",
+                compile_child,
                 {"model": model, "micro_batch_size": b, "block_size": t, "chunks": chunks},
                 env={"TORCHINDUCTOR_CACHE_DIR": cache},
             )

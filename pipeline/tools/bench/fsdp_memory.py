@@ -65,7 +65,7 @@ def fsdp_memory_child(params: dict) -> dict:
     import torch.distributed as dist
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from pipeline.config import compose_train
+    from pipeline.config.cli import compose_train
     from pipeline.tools.probe import RunProbe
 
     torch.set_num_threads(1)
@@ -101,14 +101,14 @@ def bench_fsdp_memory(
     cases=FSDP_MEMORY_CASES, processes: int = PROCESSES
 ) -> list[FsdpMemoryResult]:
     """Measure and estimate each case (each in fresh processes)."""
-    from pipeline.config import compose_train
+    from pipeline.config.cli import compose_train
     from pipeline.tools.bench.child import run_ranks
     from pipeline.tools.memory import estimate_memory
 
     out = []
     for case in cases:
         overrides = case_overrides(*case)
-        ranks = run_ranks("fsdp_memory", {"overrides": overrides}, processes,
+        ranks = run_ranks(fsdp_memory_child, {"overrides": overrides}, processes,
                           {"OMP_NUM_THREADS": "1"})  # fmt: skip
         top = max(ranks, key=lambda r: r["peak"])
         cfg = compose_train(overrides)

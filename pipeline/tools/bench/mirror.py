@@ -46,7 +46,7 @@ class MirrorResult:
 def mirror_child(params: dict) -> dict:
     """In a fresh process: train the demo run (params: shard_dir, runs_dir, steps, interval,
     mirror: a URL or None); returns step times and the mirror's timings."""
-    from pipeline.config import compose_train
+    from pipeline.config.cli import compose_train
     from pipeline.training import mirror as mirror_module
     from pipeline.training.loop import train
     from pipeline.training.runlog import read_records
@@ -88,7 +88,7 @@ def bench_mirror(shard_dir: Path, work: Path, case=MIRROR_CASE) -> MirrorResult:
     steps, interval = case
     runs = {}
     for name, mirror in (("no mirror", None), ("mirror", str(work / "mirror"))):
-        runs[name] = run_child("mirror", {"shard_dir": str(shard_dir), "steps": steps,
+        runs[name] = run_child(mirror_child, {"shard_dir": str(shard_dir), "steps": steps,
                                           "runs_dir": str(work / f"runs-{name.replace(' ', '-')}"),
                                           "interval": interval, "mirror": mirror})  # fmt: skip
     mirrored = runs["mirror"]

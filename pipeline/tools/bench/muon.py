@@ -110,8 +110,8 @@ def bench_muon(case=MUON_CASE) -> list[MuonResult]:
     out = []
     for n in (1, processes):
         params = {"model": model, "steps": steps}
-        ranks = [run_child("muon", params, {"OMP_NUM_THREADS": "1"})] if n == 1 else run_ranks(
-            "muon", params, n, {"OMP_NUM_THREADS": "1"})  # fmt: skip
+        ranks = [run_child(muon_child, params, {"OMP_NUM_THREADS": "1"})] if n == 1 else run_ranks(
+            muon_child, params, n, {"OMP_NUM_THREADS": "1"})  # fmt: skip
         out.append(MuonResult(n, max(r["step_s"] for r in ranks),
                               max(r["state_bytes"] for r in ranks),
                               max(r["peak_rss"] for r in ranks),

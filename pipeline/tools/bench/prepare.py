@@ -174,7 +174,7 @@ def prepare_in_child(
     """PrepareRun of prepare() on `source` (scale copies of the documents, `tokens` tokens) in
     a fresh process; its output folder is deleted afterwards."""
     params = {"source": str(source), "out_dir": str(out_dir), "tokens": tokens, "workers": workers}
-    result = run_child("prepare", params)
+    result = run_child(prepare_child, params)
     shutil.rmtree(out_dir, ignore_errors=True)
     return PrepareRun(scale=scale, **result)
 

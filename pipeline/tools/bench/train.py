@@ -166,7 +166,7 @@ def train_in_child(params: dict[str, Any], work: Path, warmup_steps: int) -> Tra
         "TORCHINDUCTOR_CACHE_DIR": str(runs / "inductor_cache"),
         "TRITON_CACHE_DIR": str(runs / "triton_cache"),
     }
-    child = run_child("train", {**params, "runs_dir": str(runs)}, env=cache)
+    child = run_child(train_child, {**params, "runs_dir": str(runs)}, env=cache)
     records = sorted(read_records(runs / "bench", "train"), key=lambda r: r["step"])
     with torch.device("meta"):  # sizes only: no memory, no initialisation cost
         model = GPT(PRESETS[params["model"]])

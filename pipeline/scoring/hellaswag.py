@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.loader import rank_share
 from pipeline.data.tokenizer import EOT, get_encoding
 from pipeline.errors import HellaSwagError
 from pipeline.files import atomic_path
-from pipeline.training.runtime import unwrap_model
+from pipeline.model import unwrap_model
 
 UPSTREAM_VAL_URL = (
     "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -211,23 +212,19 @@ def encode_item(item: Item, encode: Callable[[str], list[int]], max_row: int) ->
     return EncodedItem(rows=tuple(rows), ending_lengths=tuple(lengths), label=item.label)
 
 
-def collate(
-    batch: Sequence[EncodedItem], seq_len: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(batch: Sequence[EncodedItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack the candidates of `batch` into x, y, mask, each (4·len(batch), T): x = row[:-1],
     y = row[1:] (int64, right-padded with EOT), mask (bool) true where y is an ending token.
-    T = seq_len, or the longest row of the batch minus one. Padding comes after every real
+    T = the longest row of the batch minus one. Padding comes after every real
     token, so causal attention keeps it from changing the logits of the real positions.
     """
     rows = [(r, n) for item in batch for r, n in zip(item.rows, item.ending_lengths)]
-    T = seq_len if seq_len is not None else max(len(r) for r, _ in rows) - 1
+    T = max(len(r) for r, _ in rows) - 1
     x = torch.full((len(rows), T), EOT, dtype=torch.long)
     y = torch.full((len(rows), T), EOT, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.bool)
     for i, (row, n_end) in enumerate(rows):
         L = len(row) - 1  # predictions in this row
-        if L > T:
-            raise ValueError(f"a row of {L + 1} tokens does not fit seq_len={T}")
         t = torch.tensor(row, dtype=torch.long)
         x[i, :L], y[i, :L] = t[:-1], t[1:]
         mask[i, L - n_end : L] = True  # targets of the ending's tokens
@@ -237,18 +234,12 @@ def collate(
 # --------------------------------------------------------------------------- scoring
 
 
-def _is_compiled(model: torch.nn.Module) -> bool:
-    """Whether model is a torch.compile wrapper (which recompiles for every new input shape)."""
-    return hasattr(model, "_orig_mod")
-
-
 @torch.no_grad()
 def candidate_losses(
     model: torch.nn.Module,
     batch: Sequence[EncodedItem],
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and mean cross-entropy (nats; float32, each (len(batch), 4)) of every ending
     given its context, in one forward pass of `model` (in whatever mode it is in).
@@ -256,7 +247,7 @@ def candidate_losses(
     The softmax runs over the model's real vocabulary (vocab_size columns), not its padding.
     """
     vocab_size = unwrap_model(model).cfg.vocab_size
-    x, y, mask = (t.to(device) for t in collate(batch, seq_len))
+    x, y, mask = (t.to(device) for t in collate(batch))
     with autocast():
         logits, _ = model(x, all_logits=True)  # (B, T, V)
     picked = logits[mask][:, :vocab_size].float()  # (N ending tokens, vocab_size)
@@ -265,16 +256,6 @@ def candidate_losses(
     sums = torch.zeros(x.size(0), device=device).index_add_(0, row, nll)  # (B,)
     means = sums / mask.sum(dim=1)
     return sums.view(-1, NUM_ENDINGS), means.view(-1, NUM_ENDINGS)
-
-
-def rank_share(n: int, rank: int, world_size: int) -> tuple[list[int], list[float]]:
-    """Item indices of `rank` (i ≡ rank mod world_size) and their weights, padded to
-    ceil(n / world_size) entries with weight 0, so that every rank runs the same passes."""
-    per_rank = -(-n // world_size)
-    mine = list(range(rank, n, world_size))
-    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
-    mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
-    return mine, weights
 
 
 @torch.no_grad()
@@ -287,7 +268,6 @@ def evaluate_hellaswag(
     rank: int = 0,
     world_size: int = 1,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    fixed_shape: bool | None = None,
 ) -> dict:
     """HellaSwag accuracy of a GPT (eager, compiled or DDP-wrapped) on `items`.
 
@@ -296,19 +276,14 @@ def evaluate_hellaswag(
     (acc_norm), over all n items. Each rank scores items i ≡ rank (mod world_size), 4·batch_items
     rows per forward pass; `reduce` sums a tensor over ranks (None for one process). Every rank
     runs the same number of passes (short ranks repeat an item with weight 0) so collectives
-    stay in step.
-
-    fixed_shape: pad every batch to (4·batch_items, longest row of all items) so a compiled
-    model sees one shape and compiles once (with data-dependent shapes torch.compile recompiles,
-    then falls back to dynamic shapes); None = on for a compiled model. Eager models pad each
-    batch only to its own longest row, which is faster. The model is left in the mode it had.
+    stay in step. Each batch is padded to its own longest row. The model is left in the mode it
+    had.
     Raises ValueError for no items, HellaSwagError (naming the item) for an ending longer
     than the block size.
     """
     if not items:
         raise ValueError("no HellaSwag items to score")
     cfg = unwrap_model(model).cfg
-    fixed = _is_compiled(model) if fixed_shape is None else fixed_shape
     enc = get_encoding()
     # encode_ordinary equals llm.c's enc.encode on this text (it has no special tokens).
     encoded = []
@@ -317,18 +292,14 @@ def evaluate_hellaswag(
             encoded.append(encode_item(item, enc.encode_ordinary, cfg.block_size + 1))
         except HellaSwagError as e:
             raise HellaSwagError(f"HellaSwag item {i}: {e}") from None
-    seq_len = max(len(r) for e in encoded for r in e.rows) - 1 if fixed else None
     mine, weights = rank_share(len(encoded), rank, world_size)
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # acc, acc_norm, items
     was_training = model.training
     model.eval()
     for b in range(0, len(mine), batch_items):
         idx, w = mine[b : b + batch_items], weights[b : b + batch_items]
-        if fixed and len(idx) < batch_items:  # a full batch: one shape for the compiler
-            w += [0.0] * (batch_items - len(idx))
-            idx += [idx[-1]] * (batch_items - len(idx))
         batch = [encoded[i] for i in idx]
-        sums, means = candidate_losses(model, batch, device, autocast, seq_len)
+        sums, means = candidate_losses(model, batch, device, autocast)
         labels = torch.tensor([e.label for e in batch], device=device)
         weight = torch.tensor(w, dtype=torch.float64, device=device)
         counts[0] += ((sums.argmin(dim=1) == labels) * weight).sum()

@@ -1,5 +1,5 @@
-"""Scoring a model: the validation loss over fixed windows and sampled text. Used by training
-(its periodic validation) and by the evaluation stage; imports nothing of either."""
+"""The validation loss of a model over fixed windows of the validation split (nats per token)
+and its perplexity."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import contextlib
 import math
 from collections.abc import Callable
 
-import tiktoken
 import torch
 
 from pipeline.data.loader import ValidationWindows
-from pipeline.model import GPT
 
 
 def perplexity(loss: float) -> float:
@@ -51,34 +49,3 @@ def estimate_loss(
         sums = reduce(sums)
     model.train()
     return (sums[0] / sums[1]).item(), int(sums[1].item())
-
-
-def generate_text(
-    model: GPT,
-    enc: tiktoken.Encoding,
-    prompt: str,
-    max_new_tokens: int,
-    device: torch.device | str = "cpu",
-    seed: int = 1337,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
-    top_p: float | None = 0.95,
-    use_cache: bool = True,
-) -> str:
-    """The prompt and a sampled continuation of it, decoded. An empty prompt samples
-    unconditionally: from the end-of-text token, which starts every document in training (and
-    is left out of the text, so the text is the continuation alone). Uses its own seeded
-    generator, so sampling does not move the global RNG (and a resumed run stays identical).
-    use_cache: generate with the KV cache (GPT.generate)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    prompt_ids = enc.encode_ordinary(prompt)
-    start = prompt_ids or [enc.eot_token]  # the model needs at least one token to condition on
-    idx = torch.tensor([start], dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        idx, max_new_tokens, temperature, top_k, top_p, generator=generator, use_cache=use_cache
-    )
-    model.train(was_training)
-    ids = out[0].tolist()[len(start) - len(prompt_ids) :]  # without the EOT of an empty prompt
-    return enc.decode([i for i in ids if i < enc.n_vocab])
