@@ -146,7 +146,7 @@ gpt2-hellaswag: $(VENV)/.installed ## HellaSwag of OpenAI's GPT-2 MODEL (gpt2 ..
 	  $(if $(HELLASWAG),hellaswag_path=$(HELLASWAG)) $(ARGS)
 
 export: $(VENV)/.installed ## Write the newest checkpoint of runs/RUN to folder OUT in FORMAT: hf, book or llmc
-	$(PYTHON) -m pipeline.hf export runs/$(RUN) $(OUT) --format $(FORMAT) \
+	$(PYTHON) -m pipeline.export checkpoint runs/$(RUN) $(OUT) --format $(FORMAT) \
 	  $(if $(TOKENIZER_DIR),--tokenizer-dir $(TOKENIZER_DIR))
 
 lm-eval: $(VENV)/.installed ## lm-evaluation-harness on the newest checkpoint of runs/RUN (TASKS=a,b or a task YAML, ARGS: --limit N)
@@ -154,7 +154,7 @@ lm-eval: $(VENV)/.installed ## lm-evaluation-harness on the newest checkpoint of
 
 push-hf: $(VENV)/.installed ## Upload the exported folder OUT to the hub model repo HF_REPO
 	$(call need,HF_REPO,gpt2-fineweb)
-	$(PYTHON) -m pipeline.hf push $(OUT) $(HF_REPO)
+	$(PYTHON) -m pipeline.export push $(OUT) $(HF_REPO)
 
 bench: $(VENV)/.installed ## Measure prepare, loader, training throughput, memory and sampling into BENCHMARKS.md (ARGS: --only ...)
 	$(PYTHON) -m pipeline.bench $(ARGS)

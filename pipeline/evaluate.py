@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from pipeline.config import register_configs, to_dataclass
 from pipeline.config.cli import check_command_line
 from pipeline.errors import guard
-from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.reports import SUMMARY, describe
+from pipeline.evaluation.tasks import evaluate
 
 register_configs()
 

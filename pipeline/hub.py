@@ -1,4 +1,4 @@
-"""Entry point: `python -m pipeline.hub`. See pipeline.interop.hub."""
+"""Entry point: `python -m pipeline.hub`. See pipeline.interop.hub_transfer."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import argparse
 from collections.abc import Sequence
 
 from pipeline.errors import ArgumentParser, guard
-from pipeline.interop.hub import download_shards, pull_checkpoint, push_checkpoint, upload_shards
 from pipeline.interop.hub_errors import LOGIN_HINT
+from pipeline.interop.hub_transfer import (
+    download_shards,
+    pull_checkpoint,
+    push_checkpoint,
+    upload_shards,
+)
 from pipeline.training.checkpoint import resolve_checkpoint
 
 

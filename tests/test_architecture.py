@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 MAX_LINES = 500
 
-ENTRY_POINTS = {"prepare", "train", "evaluate", "sample", "hf", "hub", "plan", "plot", "bench",
+ENTRY_POINTS = {"prepare", "train", "evaluate", "sample", "export", "hub", "plan", "plot", "bench",
                 "compare", "lm_eval", "preflight"}  # fmt: skip
 """`python -m pipeline.<name>`: thin, and none imports another."""
 

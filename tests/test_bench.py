@@ -28,7 +28,7 @@ from pipeline.tools.bench.render import (
 )
 from pipeline.tools.bench.sample import bench_sample, render_sample
 from pipeline.tools.bench.train import TrainResult, bench_train, pool_runs, render_train
-from pipeline.tools.memory import GIB, estimate_memory
+from pipeline.tools.memory_estimate import GIB, estimate_memory
 
 
 @pytest.fixture(scope="module")

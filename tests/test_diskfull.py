@@ -137,7 +137,7 @@ def test_disk_full_while_writing_shards(fineweb_sample, small_disk, tmp_path):
 
 def test_disk_full_while_exporting(checkpointed, small_disk):
     out = small_disk.path / "hf"
-    done = run_module("hf", "export", str(checkpointed), str(out), timeout=120)
+    done = run_module("export", "checkpoint", str(checkpointed), str(out), timeout=120)
     assert done.returncode == USER_ERROR, done.stderr
     assert done.stderr.startswith(f"error: writing {out} failed: the disk is full (")
     assert done.stderr.endswith(
@@ -213,7 +213,7 @@ def test_prepare_output_that_is_a_file(fineweb_sample, tmp_path, where):
 def test_hf_export_folder_that_is_a_file(checkpointed, tmp_path):
     blocker = tmp_path / "export"
     blocker.write_text("mine\n")
-    done = run_module("hf", "export", str(checkpointed), str(blocker), timeout=120)
+    done = run_module("export", "checkpoint", str(checkpointed), str(blocker), timeout=120)
     assert done.returncode == USER_ERROR, done.stderr
     assert done.stderr == (
         f"error: export folder {blocker} cannot be created: {blocker} is a file, not a folder: "

@@ -78,8 +78,8 @@ def test_plot_refuses_a_folder_or_an_unknown_format(diverged, tmp_path, out, mes
     "args,message",
     [
         (["plot"], "python -m pipeline.plot: the following arguments are required: runs"),
-        (["hf", "export"], "python -m pipeline.hf export: the following arguments are required: "
-                           "checkpoint, out_dir"),
+        (["export", "checkpoint"], "python -m pipeline.export checkpoint: the following "
+                                   "arguments are required: checkpoint, out_dir"),
         (["hub", "pull-checkpoint", "me/x"], "python -m pipeline.hub pull-checkpoint: the "
                                              "following arguments are required: run_name"),
         (["plan", "cost", "--gpus", "many"], "python -m pipeline.plan cost: argument --gpus: "

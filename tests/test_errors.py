@@ -110,9 +110,10 @@ def test_the_training_entry_point_loads_no_export_hub_or_evaluation_stage():
                           text=True, timeout=120, check=True)  # fmt: skip
     loaded = set(eval(done.stdout))
     assert "pipeline.training.loop" in loaded
-    for banned in ("huggingface_hub", "datasets", "pipeline.interop", "pipeline.interop.hf",
-                   "pipeline.interop.hub", "pipeline.evaluation.evaluate", "pipeline.evaluate",
-                   "pipeline.tools"):  # fmt: skip
+    banned_modules = ["huggingface_hub", "datasets", "pipeline.interop", "pipeline.evaluate",
+                      "pipeline.interop.hf_weights", "pipeline.interop.hub_transfer",
+                      "pipeline.evaluation.tasks", "pipeline.tools"]  # fmt: skip
+    for banned in banned_modules:
         assert banned not in loaded, banned
 
 

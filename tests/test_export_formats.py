@@ -17,7 +17,7 @@ from helpers.tiny import small_config
 
 from pipeline.data.tokenizer import get_encoding
 from pipeline.errors import USER_ERROR, OutputError, guard
-from pipeline.hf import main as hf_main
+from pipeline.export import main as export_main
 from pipeline.interop import llmc
 from pipeline.interop.book import book_config, to_book_state_dict
 from pipeline.interop.formats import export
@@ -48,8 +48,8 @@ def verdict_windows(shared_data: Path, block_size: int, count: int = 4) -> torch
 
 
 def cli(*args: str) -> None:
-    """`python -m pipeline.hf ARGS` in this process, under the entry point's guard."""
-    guard(hf_main)(list(args))
+    """`python -m pipeline.export ARGS` in this process, under the entry point's guard."""
+    guard(export_main)(list(args))
 
 
 # --------------------------------------------------------------------------- the book
@@ -58,7 +58,7 @@ def cli(*args: str) -> None:
 def test_the_books_gpt_model_gives_our_logits_on_real_text(run, model, shared_data, tmp_path):
     ch04 = pytest.importorskip("llms_from_scratch.ch04")  # make setup installs it (--no-deps)
     out = tmp_path / "book"
-    cli("export", str(run), str(out), "--format", "book")
+    cli("checkpoint", str(run), str(out), "--format", "book")
     # the README's lines
     cfg = json.loads((out / "config.json").read_text())
     book = ch04.GPTModel(cfg)
@@ -152,7 +152,7 @@ def read_llmc(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 def test_llmc_model_bin_holds_every_tensor_exactly(run, model, tmp_path, capsys):
     out = tmp_path / "llmc"
-    cli("export", str(run), str(out), "--format", "llmc")
+    cli("checkpoint", str(run), str(out), "--format", "llmc")
     assert capsys.readouterr().out.strip() == f"wrote {out / 'model.bin'}"
     header, got = read_llmc(out / "model.bin")
     assert header[:8].tolist() == [20240326, 3, 64, 50257, 2, 2, 32, 50304]
@@ -187,7 +187,7 @@ def test_llmc_layout_of_gpt2_124m_has_llmcs_parameter_count():
 
 
 def test_a_missing_checkpoint_is_exit_2_in_one_line(tmp_path):
-    result = run_module("hf", "export", str(tmp_path / "nothing"), str(tmp_path / "out"),
+    result = run_module("export", "checkpoint", str(tmp_path / "nothing"), str(tmp_path / "out"),
                         "--format", "llmc")  # fmt: skip
     assert result.returncode == USER_ERROR
     assert re.fullmatch(r"error: no complete checkpoint in .*\n", result.stderr)
@@ -198,7 +198,7 @@ def test_a_missing_checkpoint_is_exit_2_in_one_line(tmp_path):
 def test_an_output_path_that_is_a_file_is_exit_2_in_one_line(run, tmp_path, capsys, fmt):
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(SystemExit) as info:
-        cli("export", str(run), str(tmp_path / "out"), "--format", fmt)
+        cli("checkpoint", str(run), str(tmp_path / "out"), "--format", fmt)
     assert info.value.code == USER_ERROR
     err = capsys.readouterr().err
     assert re.fullmatch(r"error: export folder .* is a file, not a folder.*\n", err)
@@ -210,7 +210,7 @@ def test_formats_do_not_mix_in_one_folder(model, tmp_path, capsys):
     with pytest.raises(OutputError, match="holds an export in format hf"):
         export(model, out, "book")  # both write config.json
     with pytest.raises(SystemExit) as info:
-        cli("export", "runs/x", str(out), "--format", "book", "--tokenizer-dir", "gpt2")
+        cli("checkpoint", "runs/x", str(out), "--format", "book", "--tokenizer-dir", "gpt2")
     assert info.value.code == USER_ERROR and "--format hf only" in capsys.readouterr().err
 
 

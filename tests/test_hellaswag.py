@@ -19,8 +19,8 @@ from helpers.tiny import small_config
 from pipeline.config import EvaluateConfig
 from pipeline.data.tokenizer import get_encoding
 from pipeline.errors import HellaSwagError
-from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.reports import read_results
+from pipeline.evaluation.tasks import evaluate
 from pipeline.model import GPT, ModelConfig
 from pipeline.scoring.hellaswag import (
     Item,

@@ -22,10 +22,11 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from pipeline.config import EvaluateConfig
 from pipeline.data.tokenizer import GPT2_FILES, OPENAI_FILES, get_encoding
 from pipeline.errors import USER_ERROR, HFError, guard
-from pipeline.evaluation.evaluate import evaluate
-from pipeline.hf import main as hf_main
+from pipeline.evaluation.tasks import evaluate
+from pipeline.export import main as export_main
 from pipeline.interop import hf_export
-from pipeline.interop.hf import (
+from pipeline.interop.hf_export import export_hf, push_hf
+from pipeline.interop.hf_weights import (
     BUFFERS,
     from_hf_state_dict,
     hf_config,
@@ -33,7 +34,6 @@ from pipeline.interop.hf import (
     model_config_from_hf,
     to_hf_state_dict,
 )
-from pipeline.interop.hf_export import export_hf, push_hf
 from pipeline.model import GPT, PRESETS, ModelConfig
 from pipeline.scoring.hellaswag import evaluate_hellaswag, load_items
 from pipeline.training.loop import train
@@ -189,7 +189,9 @@ def test_evaluate_reads_an_exported_folder(model, exported, shared_data):
 def test_command_line_exports_a_run_and_push_refuses_other_folders(sample_shards, tmp_path, capsys):
     train(small_config(sample_shards, tmp_path, max_steps=1, eval_tokens=0))
     out = tmp_path / "export"
-    hf_main(["export", str(tmp_path / "run"), str(out)])  # python -m pipeline.hf export ...
+    export_main(
+        ["checkpoint", str(tmp_path / "run"), str(out)]
+    )  # python -m pipeline.export checkpoint ...
     assert "model.safetensors" in capsys.readouterr().out and (out / "config.json").is_file()
     trained = load_hf_dir(out).state_dict()
     saved = final_weights(tmp_path / "run")
@@ -197,6 +199,6 @@ def test_command_line_exports_a_run_and_push_refuses_other_folders(sample_shards
     with pytest.raises(HFError, match="no config.json, model.safetensors"):
         push_hf(tmp_path / "run", "someone/gpt2")  # checked before any network access
     with pytest.raises(SystemExit) as info:
-        guard(hf_main)(["push", str(tmp_path / "run"), "someone/gpt2"])
+        guard(export_main)(["push", str(tmp_path / "run"), "someone/gpt2"])
     assert info.value.code == USER_ERROR
     assert re.match(r"error: .* no config.json", capsys.readouterr().err)

@@ -26,7 +26,7 @@ from pipeline.data.shards import (
 )
 from pipeline.errors import USER_ERROR, HubError, ShardError, guard
 from pipeline.hub import main as hub_main
-from pipeline.interop import hub
+from pipeline.interop import hub_transfer as hub
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import list_checkpoints, read_state, save_checkpoint
 

@@ -16,8 +16,8 @@ from helpers.tiny import small_config
 
 from pipeline.config import EvaluateConfig
 from pipeline.errors import USER_ERROR, guard
-from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.reports import LM_EVAL, keep_earlier_lm_eval_tasks
+from pipeline.evaluation.tasks import evaluate
 from pipeline.interop.hf_export import SOURCE, export_cached
 from pipeline.lm_eval import main as lm_eval_main
 from pipeline.scoring.hellaswag import Item, evaluate_hellaswag

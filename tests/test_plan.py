@@ -24,8 +24,8 @@ from pipeline.errors import DataError
 from pipeline.model import GPT, PRESETS, ModelConfig
 from pipeline.tools.bench.fsdp_memory import bench_fsdp_memory
 from pipeline.tools.cost import estimate_cost, measured_tokens_per_s
-from pipeline.tools.memory import count_params, estimate_memory
-from pipeline.tools.plan import batch_hint, main
+from pipeline.tools.memory_estimate import count_params, estimate_memory
+from pipeline.tools.planning import batch_hint, main
 from pipeline.tools.probe import cuda_step_fits, find_max_micro_batch, training_steps
 
 GIB = 2**30

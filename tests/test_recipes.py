@@ -19,8 +19,8 @@ from helpers.runs import final_weights, optimizer_state, records, weights
 from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import ConfigError
-from pipeline.interop.hf import load_hf_dir
 from pipeline.interop.hf_export import export_hf
+from pipeline.interop.hf_weights import load_hf_dir
 from pipeline.model import GPT
 from pipeline.training.checkpoint import list_checkpoints
 from pipeline.training.loop import train

@@ -25,7 +25,7 @@ from pipeline.config import (
 from pipeline.data.loader import TrainLoader, ValidationWindows
 from pipeline.data.shards import open_split
 from pipeline.errors import CheckpointError, ConfigError, ShardError
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.tasks import evaluate
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import list_checkpoints
 from pipeline.training.loop import train

@@ -26,7 +26,7 @@ from helpers.tiny import tiny_run, train_config
 from torch.distributed.checkpoint import FileSystemWriter
 
 from pipeline.errors import USER_ERROR, UnsafeFileError
-from pipeline.interop.hub import install_checkpoint
+from pipeline.interop.hub_transfer import install_checkpoint
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import (
     MODEL,
@@ -149,7 +149,7 @@ def test_resume_refuses_a_pickle_torch_cannot_scan(runs, tmp_path, name, write, 
     [
         ("evaluate", ["eval_tokens=1024", "sample_tokens=0"]),
         ("sample", ["prompt=Hello", "max_new_tokens=4"]),
-        ("hf", ["export", "RUN", "OUT", "--format", "hf"]),
+        ("export", ["checkpoint", "RUN", "OUT", "--format", "hf"]),
     ],
 )
 def test_evaluate_sample_and_export_refuse_a_planted_model_file(runs, tmp_path, module, args):
@@ -157,7 +157,7 @@ def test_evaluate_sample_and_export_refuse_a_planted_model_file(runs, tmp_path, 
     path = plant_payload(checkpoint_dir(runs / "run", 4), MODEL, marker)
     run = str(runs / "run")
     args = [a.replace("RUN", run).replace("OUT", str(tmp_path / "out")) for a in args]
-    if module != "hf":
+    if module != "export":
         args = [f"checkpoint={run}", *args]
     done = run_module(module, *args, cwd=tmp_path, timeout=300)
     assert_refused(done, path, SYSTEM, marker)
@@ -199,7 +199,7 @@ def plant_index_payload(checkpoint: Path, marker: Path) -> Path:
         # every loader verifies a checkpoint through the same scan (check_loads_safely):
         pytest.param("evaluate", ["eval_tokens=1024", "sample_tokens=0"], marks=pytest.mark.slow),
         pytest.param("sample", ["prompt=Hello", "max_new_tokens=4"], marks=pytest.mark.slow),
-        ("hf", ["export", "RUN", "OUT", "--format", "hf"]),
+        ("export", ["checkpoint", "RUN", "OUT", "--format", "hf"]),
     ],
 )
 def test_every_loader_refuses_a_planted_tensor_index(runs, sample_shards, tmp_path, module, args):
@@ -210,7 +210,7 @@ def test_every_loader_refuses_a_planted_tensor_index(runs, sample_shards, tmp_pa
     run = str(runs / "run")
     if module == "train":
         args = overrides(sample_shards, runs)
-    elif module == "hf":
+    elif module == "export":
         args = [a.replace("RUN", run).replace("OUT", str(tmp_path / "out")) for a in args]
     else:
         args = [f"checkpoint={run}", *args]

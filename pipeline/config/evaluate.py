@@ -17,7 +17,8 @@ class EvaluateConfig:
     pretrained: str | None = None
     """Instead of a checkpoint: OpenAI's GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl,
     from the Hugging Face hub or its cache) or a local Hugging Face GPT-2 folder (as written by
-    `python -m pipeline.hf export`). The val_loss task then needs shard_dir and block_size."""
+    `python -m pipeline.export checkpoint`). The val_loss task then needs shard_dir and
+    block_size."""
     tasks: list[str] = field(default_factory=lambda: ["val_loss"])
     """What to measure: `val_loss` (validation loss, perplexity) and/or `hellaswag`."""
     hellaswag_path: str | None = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.interop.hf import load_hf_dir, load_openai_gpt2, openai_repo
+from pipeline.interop.hf_weights import load_hf_dir, load_openai_gpt2, openai_repo
 from pipeline.model import GPT
 from pipeline.training.checkpoint import load_model
 

@@ -1,4 +1,4 @@
-"""The export formats of `python -m pipeline.hf export --format NAME`, one folder per export:
+"""The export formats of `python -m pipeline.export checkpoint --format NAME`, a folder each:
 
 - `hf`: Hugging Face `GPT2LMHeadModel` (config.json, model.safetensors), pipeline.interop.hf_export
 - `book`: the book's `GPTModel` (config.json, model.pth), pipeline.interop.book
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import OutputError
-from pipeline.interop import book, hf, llmc
+from pipeline.interop import book, hf_weights, llmc
 from pipeline.interop.book import export_book
 from pipeline.interop.hf_export import export_hf
 from pipeline.interop.llmc import export_llmc
@@ -23,7 +23,7 @@ from pipeline.model import GPT
 Exporter = Callable[[GPT | torch.nn.Module | str | os.PathLike, str | os.PathLike], Path]
 
 FORMATS: dict[str, tuple[Exporter, tuple[str, ...]]] = {
-    "hf": (export_hf, (hf.CONFIG, hf.WEIGHTS)),
+    "hf": (export_hf, (hf_weights.CONFIG, hf_weights.WEIGHTS)),
     "book": (export_book, (book.CONFIG, book.WEIGHTS)),
     "llmc": (export_llmc, (llmc.WEIGHTS,)),
 }

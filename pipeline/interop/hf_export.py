@@ -1,10 +1,11 @@
 """A checkpoint (or a GPT) written as a Hugging Face `GPT2LMHeadModel` folder with the GPT-2
 tokenizer, kept as a reusable export beside a run, and pushed to a model repo. The conversion
-itself is pipeline.interop.hf.
+itself is pipeline.interop.hf_weights.
 
-Command line (pipeline/hf.py):
-  python -m pipeline.hf export runs/NAME[/checkpoints/step_NNNNNNN] OUT_DIR [--tokenizer-dir D]
-  python -m pipeline.hf push OUT_DIR USER/REPO [--public]
+Command line (pipeline/export.py):
+  python -m pipeline.export checkpoint runs/NAME[/checkpoints/step_NNNNNNN] OUT_DIR
+      [--tokenizer-dir D]
+  python -m pipeline.export push OUT_DIR USER/REPO [--public]
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from safetensors.torch import save_file
 from pipeline.data.tokenizer import gpt2_files
 from pipeline.errors import HFError, OutputError
 from pipeline.files import atomic_dir, atomic_path, make_folder, write_failed, write_json_atomic
-from pipeline.interop.hf import CONFIG, WEIGHTS, hf_config, to_hf_state_dict
-from pipeline.interop.hub import prepare_repo
+from pipeline.interop.hf_weights import CONFIG, WEIGHTS, hf_config, to_hf_state_dict
 from pipeline.interop.hub_errors import hub_errors, require_token
+from pipeline.interop.hub_transfer import prepare_repo
 from pipeline.model import GPT, unwrap_model
 from pipeline.training.checkpoint import load_model, read_state, resolve_checkpoint, weights_sha256
 
@@ -195,7 +196,9 @@ def push_hf(
     folder = Path(out_dir)
     missing = [n for n in (CONFIG, WEIGHTS) if not (folder / n).is_file()]
     if missing:
-        raise HFError(f"{folder} has no {', '.join(missing)}: run `python -m pipeline.hf export`")
+        raise HFError(
+            f"{folder} has no {', '.join(missing)}: run `python -m pipeline.export checkpoint`"
+        )
     api = HfApi(token=require_token(token))
     with hub_errors("pushing to", repo_id, "model"):
         prepare_repo(api, repo_id, "model", private, None)

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.model import GPT, ModelConfig
-from pipeline.tools.memory import PRECISION_BYTES
+from pipeline.tools.memory_estimate import PRECISION_BYTES
 from pipeline.training.loop import build_model
 from pipeline.training.optim import build_optimizer
 from pipeline.training.runtime import (

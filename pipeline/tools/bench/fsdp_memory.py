@@ -1,5 +1,5 @@
 """The FSDP memory benchmark: the peak memory of one process of a real FSDP2 training step,
-measured, against `pipeline.tools.memory.estimate_memory(sharded=True)`.
+measured, against `pipeline.tools.memory_estimate.estimate_memory(sharded=True)`.
 
 Each of `processes` processes (torch.distributed.run, gloo, one CPU thread each) builds the run
 of a Hydra override list as `make max-batch` does (pipeline.tools.probe.RunProbe: build_model
@@ -103,7 +103,7 @@ def bench_fsdp_memory(
     """Measure and estimate each case (each in fresh processes)."""
     from pipeline.config.cli import compose_train
     from pipeline.tools.bench.child import run_ranks
-    from pipeline.tools.memory import estimate_memory
+    from pipeline.tools.memory_estimate import estimate_memory
 
     out = []
     for case in cases:

@@ -2,7 +2,7 @@
 
 GPT-2 124M and 350M on an 80 GB GPU: measured with real training steps on CUDA
 (`pipeline.tools.probe.cuda_step_fits`), else the analytic estimate
-(`pipeline.tools.memory.estimate_memory`). Memory in bytes.
+(`pipeline.tools.memory_estimate.estimate_memory`). Memory in bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from pipeline.model import PRESETS, ModelConfig
 from pipeline.tools.bench.render import table
-from pipeline.tools.memory import (
+from pipeline.tools.memory_estimate import (
     GIB,
     count_params,
     estimate_memory,
@@ -33,8 +33,8 @@ MEMORY_MAX_BATCH = 512
 @dataclass
 class MemoryResult:
     """Peak training memory of one model per micro-batch size (bytes), measured on CUDA or
-    estimated (`pipeline.tools.memory.estimate_memory`) without it, and the largest micro-batch
-    within cap_bytes."""
+    estimated (`pipeline.tools.memory_estimate.estimate_memory`) without it, and the largest
+    micro-batch within cap_bytes."""
 
     model: str
     params: int
@@ -114,7 +114,7 @@ def render_memory(results: list[MemoryResult]) -> str:
     else:
         how = (
             "No CUDA device: these are the analytic estimates of `make memory` "
-            "(`pipeline.tools.memory.estimate_memory`, eager bf16, block "
+            "(`pipeline.tools.memory_estimate.estimate_memory`, eager bf16, block "
             f"{r0.block_size}), not measurements, at powers of two within {cap}. Run `make "
             "bench` on a GPU for measured figures. — : beyond the cap."
         )

@@ -1,4 +1,6 @@
-"""Entry point: `python -m pipeline.hf`. See pipeline.interop.formats and hf_export."""
+"""Entry point: `python -m pipeline.export checkpoint|push ...`: a checkpoint in the Hugging Face,
+the book's or llm.c's format, and an exported folder pushed to the hub. See
+pipeline.interop.formats and hf_export."""
 
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ from pipeline.interop.hf_export import push_hf
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m pipeline.hf",
+        prog="python -m pipeline.export",
         description="Export checkpoints (Hugging Face GPT2LMHeadModel, the book's GPTModel, "
         "llm.c) and push Hugging Face folders.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write a checkpoint in one of the formats")
+    ex = sub.add_parser("checkpoint", help="write a checkpoint in one of the formats")
     ex.add_argument("checkpoint", help="runs/NAME (its newest checkpoint) or a step_* folder")
     ex.add_argument("out_dir", help="folder to write (created)")
     ex.add_argument(
@@ -41,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point; errors exit through pipeline.errors.guard (`error: ...`, 2)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "export":
+    if args.command == "checkpoint":
         if args.tokenizer_dir is not None and args.fmt != "hf":
             parser.error(f"--tokenizer-dir is for --format hf only, not {args.fmt}")
         paths = export(args.checkpoint, args.out_dir, args.fmt, tokenizer_dir=args.tokenizer_dir)

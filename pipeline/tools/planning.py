@@ -5,7 +5,7 @@
 (by trying the run's real training steps, its recipe and runtime settings: pipeline.tools.probe;
 the estimate where there is no CUDA), and
 `python -m pipeline.plan cost ...` turns a token budget and a measured throughput into hours and
-money. The estimate is `pipeline.tools.memory`, the measurement `pipeline.tools.probe`, the
+money. The estimate is `pipeline.tools.memory_estimate`, the measurement `pipeline.tools.probe`, the
 cost `pipeline.tools.cost`; this module is the command line and the advice it prints. Everything
 here is importable; nothing runs at import time.
 """
@@ -22,7 +22,7 @@ from pipeline.config.cli import compose_train
 from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.model import PRESETS, ModelConfig
 from pipeline.tools.cost import estimate_cost, measured_tokens_per_s
-from pipeline.tools.memory import (
+from pipeline.tools.memory_estimate import (
     FIT_MARGIN,
     GIB,
     PRECISION_BYTES,
