@@ -28,9 +28,8 @@ from pipeline.errors import CheckpointError, ConfigError, ShardError
 from pipeline.evaluation.tasks import evaluate
 from pipeline.model import GPT, ModelConfig
 from pipeline.training.checkpoint import list_checkpoints
-from pipeline.training.loop import train
+from pipeline.training.loop import SingleProcess, TrainStep, accumulate_gradients, train
 from pipeline.training.optim import build_optimizer
-from pipeline.training.step import SingleProcess, TrainStep, accumulate_gradients
 
 
 def test_training_lowers_validation_loss_and_writes_the_run(sample_shards, tmp_path):

@@ -22,7 +22,7 @@ from pipeline.config import OptimConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.model import GPT, ModelConfig
 from pipeline.tools.memory_estimate import PRECISION_BYTES
-from pipeline.training.loop import build_model
+from pipeline.training.loop import SingleProcess, StepResult, TrainStep, build_model
 from pipeline.training.optim import build_optimizer
 from pipeline.training.runtime import (
     autocast_for,
@@ -30,7 +30,6 @@ from pipeline.training.runtime import (
     resolve_device,
     resolve_precision,
 )
-from pipeline.training.step import SingleProcess, StepResult, TrainStep
 
 
 def _with_autocast(
@@ -151,7 +150,7 @@ def training_steps(
     optimizer: str = "adamw",
 ) -> StepResult:
     """`steps` optimizer steps of `grad_accum` micro-batches of random tokens, run by the
-    training loop's own step (pipeline.training.step.TrainStep in one process: the chunked
+    training loop's own step (pipeline.training.loop.TrainStep in one process: the chunked
     loss, the model's default; gradient clipping; the real optimizer at its peak rate; bf16
     autocast when precision is "bf16"). Returns the last step's StepResult."""
     torch.manual_seed(0)

@@ -33,8 +33,8 @@ from pipeline.training.checkpoint import (
 from pipeline.training.checkpoint_tensors import TensorSaver
 from pipeline.training.mirror import Mirror, retried
 from pipeline.training.optim import Optimizers
+from pipeline.training.reporter import RunState, every
 from pipeline.training.rng import rng_state
-from pipeline.training.state import RunState, every
 
 T = TypeVar("T")
 

@@ -1,23 +1,140 @@
-"""Rank-0 side effects in one place: stdout, metrics.jsonl, W&B.
+"""What a training run reports, and where it stands: its state, its throughput, and every
+rank-0 side effect.
 
-Every print, file write and W&B call of training goes through a `Reporter`, whose `enabled`
-flag is the accelerator's `is_main_process`; other ranks' reporters do nothing.
+- `RunState`: the progress a checkpoint records (step, tokens, validation losses, W&B id), and
+  `every`, the rule every periodic action (logging, validation, checkpoints) follows.
+- `Throughput`: model FLOPs utilisation (MFU) from the device's peak and the model's FLOPs per
+  token, both constants of a run, computed once at setup.
+- `Reporter`: every print, metrics.jsonl write (the format: pipeline.training.runlog) and W&B
+  call of training; its `enabled` flag is the accelerator's `is_main_process`, and other ranks'
+  reporters do nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pipeline.config import LoggerConfig
 from pipeline.files import write_failed
 from pipeline.scoring.loss import perplexity
 from pipeline.training import runlog
 from pipeline.training.wandb_run import WandbRun
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclass
+class RunState:
+    """The progress of a run, saved in every checkpoint's state.json under these keys."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    tokens_seen: int = 0
+    """Training tokens consumed by those steps, all processes together."""
+    val_loss: float | None = None
+    """The latest validation loss (nats/token); None before the first validation."""
+    best_val_loss: float | None = None
+    """The lowest validation loss so far (nats/token)."""
+    wandb_id: str | None = None
+    """The W&B run id, so a resumed run logs into the same W&B run."""
+
+    def state_dict(self) -> dict:
+        """The fields as a dict, in declaration order (the first keys of state.json)."""
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Take each field from a checkpoint's state.json (extra keys are ignored; a missing
+        one keeps its current value)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, saved.get(f.name, getattr(self, f.name)))
+
+    def advance(self, tokens: int) -> None:
+        """Count one optimizer step of `tokens` tokens."""
+        self.step, self.tokens_seen = self.step + 1, self.tokens_seen + tokens
+
+    def record_val(self, loss: float) -> None:
+        """Note a validation loss (nats/token) and keep the best."""
+        best = self.best_val_loss
+        self.val_loss, self.best_val_loss = loss, loss if best is None else min(best, loss)
+
+
+def every(step: int, interval: int, last: int) -> bool:
+    """Whether a periodic action runs after `step` steps: at multiples of interval (0 = never)
+    and at the last step."""
+    return step == last or (interval > 0 and step % interval == 0)
+
+
+# --------------------------------------------------------------------------- throughput (MFU)
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched in order
+# against torch.cuda.get_device_name(); the first matching substring wins.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100 NVL", 835.0e12),
+    ("H100", 989.4e12),  # SXM
+    ("H800", 989.4e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362.05e12),
+    ("L40", 181.05e12),
+    ("L4", 121.0e12),
+    ("A6000", 154.8e12),
+    ("A10G", 70.0e12),
+    ("A10", 125.0e12),
+    ("RTX 4090", 165.2e12),
+    ("RTX 3090", 71.0e12),
+]
+
+
+def peak_flops(device: torch.device, override: float | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one device: the override, else the table above, else None (CPU
+    or an unknown GPU, for which MFU is not reported)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def mfu(
+    flops_per_token: float, tokens_per_s: float, peak: float | None, devices: int
+) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: achieved model FLOP/s over devices · peak (PaLM,
+    Chowdhery et al. 2022, appendix B). None when the peak is unknown."""
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_s / (peak * devices)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """The constants of a run's MFU."""
+
+    flops_per_token: int
+    """Training FLOPs per token (pipeline.model.GPT.flops_per_token at the run's block_size)."""
+    peak: float | None
+    """Peak bf16 FLOP/s of one device (peak_flops); None: MFU is not reported."""
+    devices: int
+    """Processes (one device each) sharing the work."""
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """MFU of the whole job at tokens_per_s (all processes together); None without a peak."""
+        return mfu(self.flops_per_token, tokens_per_s, self.peak, self.devices)
+
+
+# --------------------------------------------------------------------------- reporting
 
 CHECKPOINTS_INTACT = ("metrics.jsonl keeps its complete records and the checkpoints are intact: "
                       "free disk space and run the same command again (it resumes from the "

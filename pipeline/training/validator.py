@@ -17,8 +17,7 @@ from pipeline.model import GPT
 from pipeline.scoring.hellaswag import evaluate_hellaswag, load_items, resolve_path
 from pipeline.scoring.loss import estimate_loss
 from pipeline.scoring.sampling import generate_text
-from pipeline.training.reporter import Reporter
-from pipeline.training.state import RunState, every
+from pipeline.training.reporter import Reporter, RunState, every
 
 SAMPLE_PROMPT = "The meaning of life is"
 
