@@ -62,7 +62,7 @@ if __name__ == "__main__":
         launcher = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra/launcher=")]
         parallel = launcher[-1:] == ["parallel"]
         shared = bool(launcher) and launcher[-1] in CLUSTER_LAUNCHERS
-        swept = command_line_sweeps(sys.argv[1:])
+        swept = command_line_sweeps(sys.argv[1:]) if parallel or shared else set()
         with collect_exits(parallel, shared, swept) as exits:  # the codes of a sweep's jobs
             main()
             code = sweep_exit_code(exits)

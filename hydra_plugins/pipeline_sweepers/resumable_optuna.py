@@ -65,12 +65,13 @@ if optuna is not None:
         def _continue_interrupted(self, study: Any, sweep_dir: Path) -> bool:
             """Run each interrupted job of the sweep again (see the module docstring), adding
             each result to the study; False if the sweep was stopped meanwhile."""
+            from pipeline.errors import DIVERGED, USER_ERROR
             from pipeline.training.sweep import stop_requested
 
             jobs = {}
             for path in _records(sweep_dir):
                 record = json.loads(path.read_text())
-                if record.get("exit") not in (0, 2, 3) and "task" in record:
+                if record.get("exit") not in (0, USER_ERROR, DIVERGED) and "task" in record:
                     jobs[int(path.parent.name)] = record
             failed = [t for t in study.get_trials(deepcopy=False)
                       if t.state == optuna.trial.TrialState.FAIL]  # fmt: skip
@@ -97,8 +98,10 @@ if optuna is not None:
         return {f"{k}={v}" for k, v in trial.params.items()}
 
     def _records(sweep_dir: Path) -> list[Path]:
-        """The job records (job.json) of the sweep's job folders `<sweep_dir>/<N>`."""
-        return [p for p in sweep_dir.glob("*/job.json") if p.parent.name.isdigit()]
+        """The job records (JOB_RECORD) of the sweep's job folders `<sweep_dir>/<N>`."""
+        from pipeline.training.sweep import JOB_RECORD
+
+        return [p for p in sweep_dir.glob(f"*/{JOB_RECORD}") if p.parent.name.isdigit()]
 
     @dataclass
     class ResumableOptunaSweeperConf(OptunaSweeperConf):
