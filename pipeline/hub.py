@@ -13,7 +13,7 @@ from pipeline.interop.hub_transfer import (
     push_checkpoint,
     upload_shards,
 )
-from pipeline.training.checkpoint import resolve_checkpoint
+from pipeline.training.checkpoint.folder import resolve_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,9 +11,9 @@ and prints one line per figure (also written to OUT/identity.json): each shard's
 manifest's sha256 (16 hex digits); per optimizer the sha256 of the (step, loss) train records of
 metrics.jsonl, the validation loss at step 12, and the sha256 over step_0000012's model tensors
 (each name and its raw bytes, in sorted name order; model.pt of a format-1 checkpoint, the DCP
-files of a format-2 one, read through this checkout's pipeline.training.checkpoint). Run it on
-the tree before and the tree after a change, on the same machine, and compare: numerics differ
-across CPUs in the 7th digit. --old-names uses the flat trainer.* keys of trees before the
+files of a format-2 one, read through this checkout's pipeline.training.checkpoint.folder). Run
+it on the tree before and the tree after a change, on the same machine, and compare: numerics
+differ across CPUs in the 7th digit. --old-names uses the flat trainer.* keys of trees before the
 config groups.
 """
 
@@ -54,7 +54,7 @@ def weights_hash(checkpoint: Path) -> str:
         state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)
     else:
         sys.path.insert(0, str(HERE))
-        from pipeline.training.checkpoint import model_tensors
+        from pipeline.training.checkpoint.folder import model_tensors
 
         state = model_tensors(checkpoint)
     h = hashlib.sha256()

@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint import (
+from pipeline.training.checkpoint.folder import (
     load_checkpoint,
     model_tensors,
     save_checkpoint,
 )
-from pipeline.training.checkpoint_tensors import SafeReader, TensorSaver
+from pipeline.training.checkpoint.tensors import SafeReader, TensorSaver
 
 
 def model_and_optimizer(lr: float, seed: int) -> tuple[GPT, torch.optim.AdamW]:

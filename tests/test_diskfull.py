@@ -16,9 +16,9 @@ import torch
 from helpers.proc import run_module
 from helpers.tiny import tiny_run, train_config
 
-import pipeline.training.checkpoint
+import pipeline.training.checkpoint.folder
 from pipeline.errors import USER_ERROR, OutputError, one_line
-from pipeline.training.checkpoint import list_checkpoints, read_state, verify_checksums
+from pipeline.training.checkpoint.folder import list_checkpoints, read_state, verify_checksums
 from pipeline.training.loop import train
 
 CHECKPOINT_BYTES = 19_910_547  # the tiny run's checkpoint: DCP tensors and index, RNG, state.json
@@ -161,7 +161,7 @@ def test_zip_writer_failure_is_one_line_and_keeps_the_previous_checkpoint(
             )
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.training.checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(pipeline.training.checkpoint.folder.torch, "save", full_disk)
     with pytest.raises(OutputError) as info:
         train(train_config(train_args(sample_shards, tmp_path, "trainer.max_steps=3")))
     step2 = tmp_path / "run" / "checkpoints" / "step_0000002"

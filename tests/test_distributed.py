@@ -20,8 +20,8 @@ from helpers.runs import final_weights, optimizer_state, records
 from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import USER_ERROR
-from pipeline.training.checkpoint import RNG, list_checkpoints
-from pipeline.training.checkpoint_tensors import saved_state
+from pipeline.training.checkpoint.folder import RNG, list_checkpoints
+from pipeline.training.checkpoint.tensors import saved_state
 from pipeline.training.loop import train
 from pipeline.training.rng import set_rng_state
 

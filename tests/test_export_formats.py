@@ -24,7 +24,7 @@ from pipeline.interop.formats import export
 from pipeline.interop.hf_export import export_hf
 from pipeline.interop.llmc import llmc_header, llmc_tensors
 from pipeline.model import GPT, PRESETS, ModelConfig
-from pipeline.training.checkpoint import load_model
+from pipeline.training.checkpoint.folder import load_model
 from pipeline.training.loop import train
 
 

@@ -19,11 +19,11 @@ from helpers.proc import wait_until
 from helpers.runs import final_weights, records, weights
 from helpers.tiny import tiny_run, train_config
 
-import pipeline.training.checkpoint
-import pipeline.training.checkpoint_tensors
+import pipeline.training.checkpoint.folder
+import pipeline.training.checkpoint.tensors
 from pipeline.data.shards import HEADER_BYTES
 from pipeline.errors import PREEMPTED, NumericsError, ShardError
-from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.checkpoint.folder import list_checkpoints
 from pipeline.training.loop import train
 
 
@@ -190,7 +190,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(
     """The tensors of step 4 fail to write (in DCP's background writer, as a full disk would):
     the run stops with one line once it learns of it, step 4 leaves nothing behind, and the
     same command continues from step 2 to the uninterrupted run's result."""
-    real_writer = pipeline.training.checkpoint_tensors.FileSystemWriter
+    real_writer = pipeline.training.checkpoint.tensors.FileSystemWriter
 
     class FullDisk(real_writer):
         def write_data(self, plan, planner):
@@ -198,12 +198,12 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write_data(plan, planner)
 
-    monkeypatch.setattr(pipeline.training.checkpoint_tensors, "FileSystemWriter", FullDisk)
+    monkeypatch.setattr(pipeline.training.checkpoint.tensors, "FileSystemWriter", FullDisk)
     with pytest.raises(OSError, match="disk is full.*earlier checkpoints are intact"):
         train(train_config(overrides(sample_shards, tmp_path)))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000002"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
-    monkeypatch.setattr(pipeline.training.checkpoint_tensors, "FileSystemWriter", real_writer)
+    monkeypatch.setattr(pipeline.training.checkpoint.tensors, "FileSystemWriter", real_writer)
     train(train_config(overrides(sample_shards, tmp_path)))
     assert_identical(tmp_path / "run", reference)
 

@@ -30,7 +30,7 @@ from pipeline.scoring.hellaswag import (
     load_items,
     resolve_path,
 )
-from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.checkpoint.folder import list_checkpoints
 from pipeline.training.loop import train
 
 # The first validation item as rowanz/hellaswag's hellaswag_val.jsonl has it (the example row

@@ -28,7 +28,7 @@ from pipeline.errors import USER_ERROR, HubError, ShardError, guard
 from pipeline.hub import main as hub_main
 from pipeline.interop import hub_transfer as hub
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint import list_checkpoints, read_state, save_checkpoint
+from pipeline.training.checkpoint.folder import list_checkpoints, read_state, save_checkpoint
 
 RUN = "tiny_run"
 

@@ -22,7 +22,7 @@ from pipeline.data.shards import HEADER_BYTES, manifest_fingerprint, open_split
 from pipeline.errors import CheckpointError, ConfigError, ShardError
 from pipeline.evaluation.tasks import evaluate
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.training.checkpoint.folder import list_checkpoints, load_checkpoint
 from pipeline.training.loop import train
 
 VOCAB = 50257

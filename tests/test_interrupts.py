@@ -22,7 +22,7 @@ from pipeline.config import PrepareConfig, SourceConfig
 from pipeline.data.progress import Progress
 from pipeline.data.writer import prepare
 from pipeline.errors import INTERRUPTED, INTERRUPTED_MESSAGE
-from pipeline.training.checkpoint import list_checkpoints, read_state, verify_checksums
+from pipeline.training.checkpoint.folder import list_checkpoints, read_state, verify_checksums
 from pipeline.training.runlog import read_records
 
 

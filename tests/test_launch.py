@@ -115,7 +115,7 @@ def test_sigterm_to_the_launch_script_checkpoints_and_exits_75(sample_shards, tm
     from helpers.tiny import tiny_run
 
     from pipeline.errors import PREEMPTED
-    from pipeline.training.checkpoint import list_checkpoints
+    from pipeline.training.checkpoint.folder import list_checkpoints
 
     args = tiny_run(sample_shards, tmp_path, "run", "trainer.max_steps=500",
                     "checkpoint.interval=0", "eval.interval=0")  # fmt: skip

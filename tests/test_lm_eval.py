@@ -21,7 +21,7 @@ from pipeline.evaluation.tasks import evaluate
 from pipeline.interop.hf_export import SOURCE, export_cached
 from pipeline.lm_eval import main as lm_eval_main
 from pipeline.scoring.hellaswag import Item, evaluate_hellaswag
-from pipeline.training.checkpoint import list_checkpoints, load_model
+from pipeline.training.checkpoint.folder import list_checkpoints, load_model
 from pipeline.training.loop import train
 
 ITEMS, LIMIT = 8, 6

@@ -24,9 +24,9 @@ from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import PREEMPTED, USER_ERROR
 from pipeline.files import sha256_file
-from pipeline.training.checkpoint import STATE, checkpoint_dir, list_checkpoints
+from pipeline.training.checkpoint.folder import STATE, checkpoint_dir, list_checkpoints
+from pipeline.training.checkpoint.mirror import Mirror
 from pipeline.training.loop import train
-from pipeline.training.mirror import Mirror
 
 SETTINGS = ("trainer.max_steps=4", "checkpoint.interval=2", "eval.tokens=0", "trainer.seed=7")
 """4 steps, checkpoints at 2 and 4, no validation."""

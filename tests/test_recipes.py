@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.interop.hf_export import export_hf
 from pipeline.interop.hf_weights import load_hf_dir
 from pipeline.model import GPT
-from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.checkpoint.folder import list_checkpoints
 from pipeline.training.loop import train
 
 MUON = ["optim=muon", "optim.muon_lr=0.02", "optim.max_lr=1e-2", "optim.min_lr=1e-3"]

@@ -20,7 +20,7 @@ from helpers.runs import records, wandb_run_record
 from pipeline.errors import PREEMPTED, ConfigError
 from pipeline.tools.plot import expand_runs, read_curves
 from pipeline.training import sweep as sweeps
-from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.checkpoint.folder import list_checkpoints
 from pipeline.training.sweep import hold_slot, slot_env, slot_locks, sweep_exit_code
 
 

@@ -27,7 +27,7 @@ from pipeline.data.shards import open_split
 from pipeline.errors import CheckpointError, ConfigError, ShardError
 from pipeline.evaluation.tasks import evaluate
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint import list_checkpoints
+from pipeline.training.checkpoint.folder import list_checkpoints
 from pipeline.training.loop import SingleProcess, TrainStep, accumulate_gradients, train
 from pipeline.training.optim import build_optimizer
 

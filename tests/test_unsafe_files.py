@@ -28,7 +28,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from pipeline.errors import USER_ERROR, UnsafeFileError
 from pipeline.interop.hub_transfer import install_checkpoint
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint import (
+from pipeline.training.checkpoint.folder import (
     MODEL,
     OPTIMIZER,
     RNG,
@@ -39,7 +39,7 @@ from pipeline.training.checkpoint import (
     load_newest_good,
     model_tensors,
 )
-from pipeline.training.checkpoint_tensors import METADATA, SafeReader, saved_state, tensor_files
+from pipeline.training.checkpoint.tensors import METADATA, SafeReader, saved_state, tensor_files
 from pipeline.training.loop import train
 from pipeline.training.rng import OLD_RNG_GLOBALS, rng_state, set_rng_state
 

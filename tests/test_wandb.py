@@ -19,7 +19,7 @@ from helpers.runs import records, wandb_run_record
 from helpers.tiny import tiny_run
 
 from pipeline.errors import USER_ERROR
-from pipeline.training.checkpoint import checkpoint_dir
+from pipeline.training.checkpoint.folder import checkpoint_dir
 
 SETTINGS = ("trainer.max_steps=4", "checkpoint.interval=2", "eval.tokens=1024", "logger=wandb")
 

@@ -257,7 +257,8 @@ class CheckpointConfig:
     mirror: str | None = None
     """Copy every complete checkpoint to this fsspec URL in the background (a folder,
     s3://bucket/prefix, gs://..., hf://models/<repo_id>), rotated as the local ones, and resume
-    from it when it is newer than the local checkpoints (pipeline.training.mirror); null: off."""
+    from it when it is newer than the local checkpoints (pipeline.training.checkpoint.mirror);
+    null: off."""
     mirror_timeout_s: float = 600.0
     """At the end of a run or on preemption, wait at most this long (seconds) for the upload in
     flight."""

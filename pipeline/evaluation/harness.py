@@ -29,7 +29,7 @@ import torch
 from pipeline.errors import LMEvalError
 from pipeline.evaluation.reports import write_lm_eval_report
 from pipeline.interop.hf_export import export_cached
-from pipeline.training.checkpoint import read_state, resolve_checkpoint, weights_sha256
+from pipeline.training.checkpoint.folder import read_state, resolve_checkpoint, weights_sha256
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai")
 """Zero-shot benchmarks that small GPT-2s score above chance on (lm-eval's task names)."""

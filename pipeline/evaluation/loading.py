@@ -1,4 +1,4 @@
-"""The model to evaluate or sample from: a checkpoint (through pipeline.training.checkpoint's
+"""The model to evaluate or sample from: a checkpoint (through pipeline.training.checkpoint.folder's
 one checkpoint -> GPT loader), OpenAI's GPT-2 weights, or a local Hugging Face GPT-2 folder;
 and where its evaluation results go."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.interop.hf_weights import load_hf_dir, load_openai_gpt2, openai_repo
 from pipeline.model import GPT
-from pipeline.training.checkpoint import load_model
+from pipeline.training.checkpoint.folder import load_model
 
 OPENAI_EVAL_DIR = Path("runs") / "openai" / "eval"
 """Results of OpenAI's weights (relative to the working directory)."""

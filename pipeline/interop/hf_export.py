@@ -29,7 +29,12 @@ from pipeline.interop.hf_weights import CONFIG, WEIGHTS, hf_config, to_hf_state_
 from pipeline.interop.hub_errors import hub_errors, require_token
 from pipeline.interop.hub_transfer import prepare_repo
 from pipeline.model import GPT, unwrap_model
-from pipeline.training.checkpoint import load_model, read_state, resolve_checkpoint, weights_sha256
+from pipeline.training.checkpoint.folder import (
+    load_model,
+    read_state,
+    resolve_checkpoint,
+    weights_sha256,
+)
 
 TOKENIZER_FILES = {
     "vocab.json": ("encoder.json", "vocab.json"),

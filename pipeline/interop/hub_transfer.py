@@ -38,9 +38,9 @@ from pipeline.data.shards import MANIFEST, listed_shards, shard_problems, verify
 from pipeline.errors import CheckpointError, HubError, ShardError, UnsafeFileError
 from pipeline.files import is_plain_name
 from pipeline.interop.hub_errors import RETRY_HINT, hub_errors, require_token
-from pipeline.training.checkpoint import STATE, STEP_DIR, checkpoint_dir, read_state
-from pipeline.training.mirror import checkpoint_files
-from pipeline.training.mirror import install_checkpoint as install
+from pipeline.training.checkpoint.folder import STATE, STEP_DIR, checkpoint_dir, read_state
+from pipeline.training.checkpoint.mirror import checkpoint_files
+from pipeline.training.checkpoint.mirror import install_checkpoint as install
 
 DOWNLOAD_DIR = ".hub_download"
 """Staging folder of a checkpoint pull, inside `<run>/checkpoints/` (not a `step_*` name)."""
@@ -128,9 +128,9 @@ def choose_step(steps: Sequence[int], step: int | None, where: str) -> int:
 
 def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step: int) -> None:
     """Move a downloaded checkpoint folder to `final` (e.g. `runs/<run>/checkpoints/step_N`)
-    once it checks out (pipeline.training.mirror.install_checkpoint: sizes, sha256, its step,
-    no file that names code to run); `final` appears complete or not at all. Raises HubError
-    for an incomplete download or another step, UnsafeFileError for such a file."""
+    once it checks out (pipeline.training.checkpoint.mirror.install_checkpoint: sizes, sha256,
+    its step, no file that names code to run); `final` appears complete or not at all. Raises
+    HubError for an incomplete download or another step, UnsafeFileError for such a file."""
     try:
         install(staged, final, step, "it was not installed and the download was deleted: "
                                      "pull from a repo you trust")  # fmt: skip

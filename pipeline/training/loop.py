@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, NumericsError, raise_if
 from pipeline.files import folder_lock, make_folder
 from pipeline.model import GPT, liger_available
 from pipeline.training import wandb_run
-from pipeline.training.checkpointer import Checkpointer
+from pipeline.training.checkpoint.manager import Checkpointer
 from pipeline.training.faults import StopSignal, inject
 from pipeline.training.optim import Optimizers, build_optimizer, continuation_problem, lr_at
 from pipeline.training.profiling import PROFILE_DIR, StepProfiler

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.training.checkpoint import list_checkpoints, model_tensors
-from pipeline.training.checkpoint_tensors import saved_state
+from pipeline.training.checkpoint.folder import list_checkpoints, model_tensors
+from pipeline.training.checkpoint.tensors import saved_state
 from pipeline.training.runlog import read_records
 
 TIMING = ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "mfu")

@@ -6,7 +6,7 @@ For each case (model preset, optimizer, processes), `processes` CPU processes
 ZeroRedundancyOptimizer's split Muon for Muon on two, as a two-GPU run of each would be built),
 fill the optimizer states with one step, and save the same state three ways:
 
-- format 1: the save before DCP, as `pipeline.training.checkpoint` wrote it until format 2
+- format 1: the save before DCP, as `pipeline.training.checkpoint.folder` wrote it until format 2
   (`save_format_1` here repeats it): the whole model and optimizer state gathered to the main
   process's CPU (get_model_state_dict(full_state_dict=True, cpu_offload=True); a split Muon
   consolidated to rank 0), then `torch.save` of model.pt and optimizer.pt, fsync and sha256,
@@ -113,7 +113,7 @@ def save_format_1(folder: Path, model, optimizers: list) -> None:
     )
     from torch.distributed.fsdp import FSDPModule
 
-    from pipeline.training.checkpoint import MODEL, OPTIMIZER, _save
+    from pipeline.training.checkpoint.folder import MODEL, OPTIMIZER, _save
     from pipeline.training.optim import is_sharded
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -159,8 +159,8 @@ def checkpoint_save_child(params: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from pipeline.training.checkpoint import save_checkpoint
-    from pipeline.training.checkpoint_tensors import TensorSaver
+    from pipeline.training.checkpoint.folder import save_checkpoint
+    from pipeline.training.checkpoint.tensors import TensorSaver
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -199,7 +199,7 @@ def checkpoint_resume_child(params: dict) -> dict:
     import torch.distributed as dist
 
     from pipeline.tools.bench.host import peak_rss_self, rss_self
-    from pipeline.training.checkpoint import load_checkpoint, verify
+    from pipeline.training.checkpoint.folder import load_checkpoint, verify
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -225,7 +225,7 @@ def bench_checkpoint(cases=CHECKPOINT_CASES) -> list[CheckpointResult]:
     import tempfile
 
     from pipeline.tools.bench.child import run_ranks
-    from pipeline.training.checkpoint import list_checkpoints
+    from pipeline.training.checkpoint.folder import list_checkpoints
 
     env = {"OMP_NUM_THREADS": "1"}
     out = []
@@ -268,7 +268,7 @@ def _state_json_of_format_1(folder: Path) -> None:
     import json
 
     from pipeline.files import sha256_file
-    from pipeline.training.checkpoint import STATE
+    from pipeline.training.checkpoint.folder import STATE
 
     files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(folder.iterdir())}  # fmt: skip

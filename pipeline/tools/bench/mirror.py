@@ -47,7 +47,7 @@ def mirror_child(params: dict) -> dict:
     """In a fresh process: train the demo run (params: shard_dir, runs_dir, steps, interval,
     mirror: a URL or None); returns step times and the mirror's timings."""
     from pipeline.config.cli import compose_train
-    from pipeline.training import mirror as mirror_module
+    from pipeline.training.checkpoint import mirror as mirror_module
     from pipeline.training.loop import train
     from pipeline.training.runlog import read_records
 

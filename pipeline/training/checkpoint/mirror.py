@@ -34,7 +34,7 @@ import fsspec
 
 from pipeline.errors import CheckpointError, UnsafeFileError
 from pipeline.files import fsync_dir
-from pipeline.training.checkpoint import (
+from pipeline.training.checkpoint.folder import (
     STATE,
     STEP_DIR,
     check_loads_safely,

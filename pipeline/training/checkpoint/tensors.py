@@ -13,10 +13,10 @@ What each process contributes (`tensor_state`), flattened by DCP into dotted key
   zero       a ZeroRedundancyOptimizer's (Muon on several processes): the states of this
              rank's own matrices only, keyed by parameter name, and the whole param_groups
 
-Reading is as safe as pipeline.training.checkpoint.load_file: DCP's reader unpickles
-`.metadata` with plain pickle and its planner loads non-tensor values with
-torch.load(weights_only=False); SafeReader and SafePlanner use torch's weights-only unpickler
-for both, so a checkpoint from elsewhere cannot run code (UnsafeFileError).
+Reading is as safe as safe_load.load_file: DCP's reader unpickles `.metadata` with plain pickle
+and its planner loads non-tensor values with torch.load(weights_only=False); SafeReader and
+SafePlanner use torch's weights-only unpickler for both, so a checkpoint from elsewhere cannot
+run code (UnsafeFileError).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pipeline.errors import CheckpointError
+from pipeline.training.checkpoint.safe_load import UNSAFE_THEN, load_file, refusal
 from pipeline.training.optim import is_sharded, load_sharded_named_state
-from pipeline.training.safe_load import UNSAFE_THEN, load_file, refusal
 
 MODEL, OPTIMIZER = "model.pt", "optimizer.pt"
 """The whole model's and optimizers' states of a format-1 checkpoint (load_format_1)."""

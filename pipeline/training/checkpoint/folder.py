@@ -3,7 +3,7 @@
 A checkpoint is a folder `<run_dir>/checkpoints/step_NNNNNNN/` (N = optimizer steps done):
   __<rank>_<n>.distcp  the model's and optimizers' tensors, each process its own part, and
   .metadata            their index, through torch.distributed.checkpoint (DCP; see
-                       pipeline.training.checkpoint_tensors): every process writes in parallel
+                       pipeline.training.checkpoint.tensors): every process writes in parallel
                        and reads back only what it holds, on any number of processes
   rng.pt               python, numpy, torch CPU and CUDA generator states of every process, as
                        tensors and numbers
@@ -21,7 +21,7 @@ resuming skips, with a warning, a checkpoint whose files are truncated or unread
 the one before.
 
 Every file is read weights-only (load_file; DCP's index and values through
-checkpoint_tensors.SafeReader and SafePlanner): unpickling can build tensors, numbers, strings
+tensors.SafeReader and SafePlanner): unpickling can build tensors, numbers, strings
 and containers and call nothing else, so a checkpoint from elsewhere (a hub repo, a colleague)
 cannot run code. A file that needs more is refused (UnsafeFileError, exit 2), and resuming
 stops there instead of falling back to an older checkpoint.
@@ -46,7 +46,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from pipeline.errors import CheckpointError, PipelineError, UnsafeFileError
 from pipeline.files import fsync_dir, fsync_tree, is_plain_name, sha256_file, write_failed
 from pipeline.model import GPT, ModelConfig
-from pipeline.training.checkpoint_tensors import (  # noqa: F401 (some re-exported)
+from pipeline.training.checkpoint.safe_load import (
+    RNG,
+    UNSAFE_THEN,
+    global_names,
+    load_file,
+    refused_file,
+)
+from pipeline.training.checkpoint.tensors import (  # noqa: F401 (some re-exported)
     METADATA,
     MODEL,
     OPTIMIZER,
@@ -63,7 +70,6 @@ from pipeline.training.checkpoint_tensors import (  # noqa: F401 (some re-export
 )
 from pipeline.training.faults import inject
 from pipeline.training.rng import OLD_RNG_GLOBALS, rng_state, set_rng_state
-from pipeline.training.safe_load import RNG, UNSAFE_THEN, global_names, load_file, refused_file
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 STATE = "state.json"
@@ -136,7 +142,7 @@ def save_checkpoint(
     """Write checkpoint `step` of the run, then rotate the run's checkpoints (see rotate).
 
     Every process calls it (collective under torch.distributed) with the unwrapped model and
-    its optimizers (sharded or not): each writes its own tensors (checkpoint_tensors). state:
+    its optimizers (sharded or not): each writes its own tensors (tensors.py). state:
     JSON-serialisable (tokens seen, loader, config, ...) on the main process, None on the
     others. rng: the RNG states to record (rng_state() of this process, with the other
     processes' under "other_ranks"); None records this process's alone. saver: asynchronous

@@ -1,5 +1,5 @@
-"""The checkpointer of a run: when to save, what a checkpoint of the run holds, and where a run
-continues from. The folder format is pipeline.training.checkpoint's."""
+"""The checkpointer of a run (Checkpointer): when to save, what a checkpoint of the run holds,
+and where a run continues from. The folder format is folder.py's."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pipeline.config import CheckpointConfig
 from pipeline.data.loader import TrainLoader
 from pipeline.errors import CheckpointError, ConfigError, UnsafeFileError, one_line, raise_if
 from pipeline.model import GPT
-from pipeline.training.checkpoint import (
+from pipeline.training.checkpoint.folder import (
     list_checkpoints,
     load_checkpoint,
     newest_good,
@@ -30,8 +30,8 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
     verify,
 )
-from pipeline.training.checkpoint_tensors import TensorSaver
-from pipeline.training.mirror import Mirror, retried
+from pipeline.training.checkpoint.mirror import Mirror, retried
+from pipeline.training.checkpoint.tensors import TensorSaver
 from pipeline.training.optim import Optimizers
 from pipeline.training.reporter import RunState, every
 from pipeline.training.rng import rng_state
@@ -99,7 +99,7 @@ class Checkpointer:
         checkpoint.resume: auto -> the newest checkpoint that loads and passes check (a
         truncated or corrupt one is reported and skipped; so is one that check refuses), a new
         run if there is none; with checkpoint.mirror, a mirrored checkpoint newer than every
-        local one is pulled into the run folder first (pipeline.training.mirror); latest -> the
+        local one is pulled into the run folder first (mirror.py); latest -> the
         same, but one must exist; never -> a new run, refusing a run folder with checkpoints;
         else a checkpoint folder path. Raises CheckpointError (also when the loader's position
         belongs to other data, another seed or block_size), or ConfigError when the checkpoints
