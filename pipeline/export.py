@@ -23,10 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="runs/NAME (its newest checkpoint) or a step_* folder")
     ex.add_argument("out_dir", help="folder to write (created)")
     ex.add_argument(
-        "--format", choices=list(FORMATS), default="hf", dest="fmt",
+        "--format",
+        choices=list(FORMATS),
+        default="hf",
+        dest="fmt",
         help="hf: config.json + model.safetensors (default); book: config.json + model.pth for "
         "llms_from_scratch.ch04.GPTModel; llmc: model.bin for llm.c",
-    )  # fmt: skip
+    )
     ex.add_argument(
         "--tokenizer-dir",
         help="hf only: take OpenAI's encoder.json and vocab.bpe from this folder instead of "

@@ -179,10 +179,12 @@ def chunked_cross_entropy(
         mean = False
     else:
         raise ValueError(f"reduction={reduction!r}: use 'mean' or 'none'")
-    losses = torch.cat([
-        F.cross_entropy((xc @ weight.t()).float(), tc, reduction="none")
-        for xc, tc in zip(x.split(chunk_rows), targets.split(chunk_rows))
-    ])  # (N,)  # fmt: skip
+    losses = torch.cat(
+        [
+            F.cross_entropy((xc @ weight.t()).float(), tc, reduction="none")
+            for xc, tc in zip(x.split(chunk_rows), targets.split(chunk_rows))
+        ]
+    )  # (N,)
     return losses.mean() if mean else losses
 
 
@@ -423,8 +425,9 @@ class GPT(nn.Module):
             return logits, loss if reduction == "mean" else loss.view(targets.shape)
         if self.loss_impl == "liger" and reduction == "mean" and torch.is_grad_enabled():
             return None, liger_cross_entropy(flat_x, weight, flat_t)
-        loss = chunked_cross_entropy(flat_x, weight, flat_t, reduction,
-                                     self.loss_chunk_rows)  # () or (B·T,)  # fmt: skip
+        loss = chunked_cross_entropy(
+            flat_x, weight, flat_t, reduction, self.loss_chunk_rows
+        )  # () or (B·T,)
         return None, loss if reduction == "mean" else loss.view(targets.shape)
 
     @torch.no_grad()

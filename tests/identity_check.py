@@ -38,13 +38,20 @@ def sha(data: bytes) -> str:
 
 def run(repo: Path, args: list[str]) -> None:
     shared = repo.parent / "shared" / "data"
-    env = {"TIKTOKEN_CACHE_DIR": str(shared / "tiktoken_cache"),
-           "FINEWEB_SAMPLE": str(shared / "fineweb" / "fineweb_sample.parquet"),
-           **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}  # fmt: skip
+    env = {
+        "TIKTOKEN_CACHE_DIR": str(shared / "tiktoken_cache"),
+        "FINEWEB_SAMPLE": str(shared / "fineweb" / "fineweb_sample.parquet"),
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(repo),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+    }
     env.pop("WANDB_SERVICE", None)
-    done = subprocess.run([sys.executable, "-m", *args], cwd=repo, env=env, capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", *args], cwd=repo, env=env, capture_output=True, text=True
+    )
     if done.returncode:
         sys.exit(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
@@ -71,20 +78,55 @@ def main() -> None:
     p.add_argument("--old-names", action="store_true")
     a = p.parse_args()
     out, repo = a.out.resolve(), a.repo.resolve()
-    run(repo, ["pipeline.prepare", "source=local", "name=demo",
-               "shard_size=1000000", "val_tokens=250000", "source.shuffle_buffer=10000",
-               f"out_dir={out / 'shards'}", "progress=false"])  # fmt: skip
-    figures = {p.name: sha(p.read_bytes()) for p in sorted((out / "shards" / "demo").iterdir())
-               if p.suffix in (".bin", ".json") and not p.name.startswith(".")}  # fmt: skip
-    names = (["trainer.eval_interval=6", "trainer.eval_tokens=4096",
-              "trainer.checkpoint_interval=6", "trainer.sample_tokens=0"] if a.old_names else
-             ["eval.interval=6", "eval.tokens=4096", "checkpoint.interval=6",
-              "eval.sample_tokens=0"])  # fmt: skip
+    run(
+        repo,
+        [
+            "pipeline.prepare",
+            "source=local",
+            "name=demo",
+            "shard_size=1000000",
+            "val_tokens=250000",
+            "source.shuffle_buffer=10000",
+            f"out_dir={out / 'shards'}",
+            "progress=false",
+        ],
+    )
+    figures = {
+        p.name: sha(p.read_bytes())
+        for p in sorted((out / "shards" / "demo").iterdir())
+        if p.suffix in (".bin", ".json") and not p.name.startswith(".")
+    }
+    names = (
+        [
+            "trainer.eval_interval=6",
+            "trainer.eval_tokens=4096",
+            "trainer.checkpoint_interval=6",
+            "trainer.sample_tokens=0",
+        ]
+        if a.old_names
+        else [
+            "eval.interval=6",
+            "eval.tokens=4096",
+            "checkpoint.interval=6",
+            "eval.sample_tokens=0",
+        ]
+    )
     for opt in ("adamw", "muon"):
-        run(repo, ["pipeline.train", "experiment=demo", f"data.shard_dir={out / 'shards/demo'}",
-                   f"trainer.runs_dir={out / 'runs'}", f"trainer.run_name={opt}", f"optim={opt}",
-                   "trainer.max_steps=12", "optim.warmup_steps=2", "trainer.log_interval=1",
-                   *names])  # fmt: skip
+        run(
+            repo,
+            [
+                "pipeline.train",
+                "experiment=demo",
+                f"data.shard_dir={out / 'shards/demo'}",
+                f"trainer.runs_dir={out / 'runs'}",
+                f"trainer.run_name={opt}",
+                f"optim={opt}",
+                "trainer.max_steps=12",
+                "optim.warmup_steps=2",
+                "trainer.log_interval=1",
+                *names,
+            ],
+        )
         records = [json.loads(line) for line in (out / "runs" / opt / "metrics.jsonl").open()]
         train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
         val = [r["loss"] for r in records if r["kind"] == "val" and r["step"] == 12]

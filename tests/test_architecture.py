@@ -11,8 +11,20 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 MAX_LINES = 500
 
-ENTRY_POINTS = {"prepare", "train", "evaluate", "sample", "export", "hub", "plan", "plot", "bench",
-                "compare", "lm_eval", "preflight"}  # fmt: skip
+ENTRY_POINTS = {
+    "prepare",
+    "train",
+    "evaluate",
+    "sample",
+    "export",
+    "hub",
+    "plan",
+    "plot",
+    "bench",
+    "compare",
+    "lm_eval",
+    "preflight",
+}
 """`python -m pipeline.<name>`: thin, and none imports another."""
 
 BASE = ("pipeline.errors", "pipeline.files", "pipeline.config", "pipeline.model")
@@ -61,8 +73,11 @@ def allowed(importer: str, imported: str) -> bool:
     if importer.split(".")[-1] in ENTRY_POINTS and importer.count(".") == 1:
         target = imported.split(".")
         return not (len(target) >= 2 and target[1] in ENTRY_POINTS and len(target) == 2)
-    layer = next(k for k in sorted(LAYERS, key=len, reverse=True)
-                 if importer == k or importer.startswith(k + "."))  # fmt: skip
+    layer = next(
+        k
+        for k in sorted(LAYERS, key=len, reverse=True)
+        if importer == k or importer.startswith(k + ".")
+    )
     return any(imported == ok or imported.startswith(ok + ".") for ok in LAYERS[layer])
 
 
@@ -97,16 +112,23 @@ def test_every_package_file_is_a_module_of_a_layer():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert top == ENTRY_POINTS | {"errors", "files", "model"}
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
-        "config", "data", "scoring", "training", "evaluation", "interop", "tools",
-    }  # fmt: skip
+        "config",
+        "data",
+        "scoring",
+        "training",
+        "evaluation",
+        "interop",
+        "tools",
+    }
 
 
 def test_no_modules_import_each_other_in_a_circle():
     """The import graph of the package (imports inside functions included) has no cycle: each
     module can be read, and tested, before the ones that import it."""
     names = dict(modules())
-    graph = {n: sorted(m for m in project_imports(p) if m in names and m != n)
-             for n, p in names.items()}  # fmt: skip
+    graph = {
+        n: sorted(m for m in project_imports(p) if m in names and m != n) for n, p in names.items()
+    }
     done, path, circles = set(), [], []
 
     def visit(name: str) -> None:

@@ -46,18 +46,31 @@ def fineweb_docs(path: Path, n: int) -> list[str]:
 def prepare_cli(out_dir: Path, paths: list[Path], *extra: str):
     """`python -m pipeline.prepare` on local files, as a user runs it."""
     return run_module(
-        "prepare", "source=local", "source.name=docs",
-        f"source.paths=[{','.join(map(str, paths))}]", f"out_dir={out_dir}",
-        f"shard_size={MIN_SHARD_SIZE}", "val_tokens=2000", "num_workers=1", "progress=false",
-        *extra, timeout=120,
-    )  # fmt: skip
+        "prepare",
+        "source=local",
+        "source.name=docs",
+        f"source.paths=[{','.join(map(str, paths))}]",
+        f"out_dir={out_dir}",
+        f"shard_size={MIN_SHARD_SIZE}",
+        "val_tokens=2000",
+        "num_workers=1",
+        "progress=false",
+        *extra,
+        timeout=120,
+    )
 
 
 def reference(out_dir: Path, paths: list[Path]) -> dict[str, bytes]:
     """Every file of an uninterrupted in-process run with prepare_cli's settings."""
     source = SourceConfig(name="docs", kind="local", paths=[str(p) for p in paths])
-    cfg = PrepareConfig(source=source, out_dir=str(out_dir), shard_size=MIN_SHARD_SIZE,
-                        val_tokens=2000, num_workers=1, progress=False)  # fmt: skip
+    cfg = PrepareConfig(
+        source=source,
+        out_dir=str(out_dir),
+        shard_size=MIN_SHARD_SIZE,
+        val_tokens=2000,
+        num_workers=1,
+        progress=False,
+    )
     folder = prepare(cfg)
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -133,8 +146,14 @@ def test_broken_json_line_names_the_file_and_line_and_the_fixed_file_continues(
     fixed = "\n".join(lines) + "\n"  # line 7 deleted
     bad.write_text(fixed.replace(lines[1], json.dumps({"text": "changed"})))  # and line 2
     source = SourceConfig(name="docs", kind="local", paths=[str(good), str(bad)])
-    changed = PrepareConfig(source=source, out_dir=str(out), shard_size=MIN_SHARD_SIZE,
-                            val_tokens=2000, num_workers=1, progress=False)  # fmt: skip
+    changed = PrepareConfig(
+        source=source,
+        out_dir=str(out),
+        shard_size=MIN_SHARD_SIZE,
+        val_tokens=2000,
+        num_workers=1,
+        progress=False,
+    )
     with pytest.raises(PrepareError, match="holds unfinished output of different settings"):
         prepare(changed)
     assert recorded_shards(out / "docs") == completed
@@ -185,14 +204,23 @@ def test_text_file_not_utf8_names_the_byte_offset_and_the_fixed_file_continues(
     "name, content, found",
     [
         ("ok.jsonl", b'{"text": "a"}\n\n  \n{"text": "b"} {"text": NaN}\r\n', None),
-        ("list.jsonl", b'{"text": "a"}\n[1, 2]\n',
-         f"line 2: a JSON list, not an object {{...}}: {FIX_LINE}"),
-        ("latin.jsonl.gz", b'{"text": "a"}\n{"text": "b"}\n{"text": "caf\xe9"}\n',
-         f"line 3: not UTF-8 (invalid continuation byte at byte offset 41): {FIX_LINE}"),
-        ("array.json", b'[\n  {"text": "a"},\n  {"text": "b"}\n  {"text": "c"}\n]\n',
-         "line 4: not valid JSON (Expecting ',' delimiter at column 3): fix the file"),
+        (
+            "list.jsonl",
+            b'{"text": "a"}\n[1, 2]\n',
+            f"line 2: a JSON list, not an object {{...}}: {FIX_LINE}",
+        ),
+        (
+            "latin.jsonl.gz",
+            b'{"text": "a"}\n{"text": "b"}\n{"text": "caf\xe9"}\n',
+            f"line 3: not UTF-8 (invalid continuation byte at byte offset 41): {FIX_LINE}",
+        ),
+        (
+            "array.json",
+            b'[\n  {"text": "a"},\n  {"text": "b"}\n  {"text": "c"}\n]\n',
+            "line 4: not valid JSON (Expecting ',' delimiter at column 3): fix the file",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_scan_names_what_the_json_reader_cannot_read(tmp_path, name, content, found):
     """Only the place pyarrow's reader also fails on: blank lines, several objects on a line
     and NaN read; the offset of a .gz file counts decompressed bytes."""
@@ -220,8 +248,14 @@ def run_dir(sample_shards, tmp_path_factory) -> Path:
 
 
 def test_empty_prompt_samples_from_end_of_text(run_dir):
-    done = run_module("sample", f"checkpoint={run_dir}", "prompt=''", "max_new_tokens=8",
-                      "temperature=0", timeout=120)  # fmt: skip
+    done = run_module(
+        "sample",
+        f"checkpoint={run_dir}",
+        "prompt=''",
+        "max_new_tokens=8",
+        "temperature=0",
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     model = load_for_eval(str(run_dir)).model.eval()
     ids = model.generate(torch.tensor([[EOT]]), 8, temperature=0)[0, 1:].tolist()
@@ -233,11 +267,19 @@ def test_hellaswag_ending_longer_than_the_block_size_is_one_line(run_dir, shared
     """The tiny model's block_size is 64; some HellaSwag endings take more tokens."""
     path = shared_data / "hellaswag" / "hellaswag_val_klosax.jsonl"
     enc = get_encoding()
-    first = next(i for i, line in enumerate(path.read_text().splitlines())
-                 if max(len(enc.encode_ordinary(" " + e))
-                        for e in json.loads(line)["endings"]) >= 65)  # fmt: skip
-    done = run_module("evaluate", f"checkpoint={run_dir}", "tasks=[hellaswag]",
-                      f"hellaswag_path={path}", "sample_tokens=0", timeout=180)  # fmt: skip
+    first = next(
+        i
+        for i, line in enumerate(path.read_text().splitlines())
+        if max(len(enc.encode_ordinary(" " + e)) for e in json.loads(line)["endings"]) >= 65
+    )
+    done = run_module(
+        "evaluate",
+        f"checkpoint={run_dir}",
+        "tasks=[hellaswag]",
+        f"hellaswag_path={path}",
+        "sample_tokens=0",
+        timeout=180,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: HellaSwag item {first}: an ending of ")
     assert "does not fit the model's block_size 64 with one token of context" in done.stderr
@@ -265,8 +307,21 @@ def test_readers_take_the_complete_lines_of_a_cut_metrics_file(run_dir, tmp_path
     assert done.stdout == f"wrote {tmp_path / 'x.png'} (1 run(s))\n"
     assert (tmp_path / "x.png").read_bytes().startswith(b"\x89PNG")
 
-    done = run_module("plan", "cost", "--tokens", "1e9", "--metrics", str(run / METRICS),
-                      "--skip-first", "1", "--gpus", "1", "--price", "2", timeout=120)  # fmt: skip
+    done = run_module(
+        "plan",
+        "cost",
+        "--tokens",
+        "1e9",
+        "--metrics",
+        str(run / METRICS),
+        "--skip-first",
+        "1",
+        "--gpus",
+        "1",
+        "--price",
+        "2",
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     rates = [r["tokens_per_s"] for r in complete if r["kind"] == "train"][1:]
     assert len(rates) >= 4

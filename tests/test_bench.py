@@ -13,12 +13,15 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.model import PRESETS
 from pipeline.tools.bench import main
-from pipeline.tools.bench.host import Device
 from pipeline.tools.bench.loader import bench_loader, render_loader
 from pipeline.tools.bench.loss import bench_loss, render_loss
 from pipeline.tools.bench.memory import bench_memory, render_memory
 from pipeline.tools.bench.prepare import bench_prepare, documents_source, render_prepare
-from pipeline.tools.bench.render import (
+from pipeline.tools.bench.sample import bench_sample, render_sample
+from pipeline.tools.bench.train import TrainResult, bench_train, pool_runs, render_train
+from pipeline.tools.host import Device
+from pipeline.tools.memory_estimate import GIB, estimate_memory
+from pipeline.tools.render import (
     NO_GPU,
     RunInfo,
     device_section,
@@ -26,9 +29,6 @@ from pipeline.tools.bench.render import (
     render_section,
     replace_parts,
 )
-from pipeline.tools.bench.sample import bench_sample, render_sample
-from pipeline.tools.bench.train import TrainResult, bench_train, pool_runs, render_train
-from pipeline.tools.memory_estimate import GIB, estimate_memory
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,9 @@ def test_loader_and_train_benchmarks_on_the_prepared_shards(prepared, tmp_path):
     rates = bench_loader(shard_dir, ((16, 1024), (2, 64)), rounds=1, seconds=0.05)
     assert [(r.micro_batch_size, r.block_size) for r in rates] == [(16, 1024), (2, 64)]
     assert all(r.batches_per_s > 0 and r.tokens_per_s > 0 for r in rates)
-    (train,) = bench_train(shard_dir, tmp_path, "tiny", 2, 64, warmup_steps=1, steps=1,
-                           compile_modes=(False,))  # fmt: skip
+    (train,) = bench_train(
+        shard_dir, tmp_path, "tiny", 2, 64, warmup_steps=1, steps=1, compile_modes=(False,)
+    )
     assert [len(run) for run in train.step_times_s] == [2] and train.step_time_s > 0
     assert train.tokens_per_step == 128 and train.tokens_per_s > 0
     assert train.mfu is None or train.mfu > 0  # None without a known peak (CPU)
@@ -88,8 +89,9 @@ def test_loss_benchmark_runs_both_implementations(prepared, tmp_path):
 
 
 def test_runs_of_one_setting_pool_their_measured_steps():
-    run = TrainResult("tiny", 1, 1, 2, 64, True, "cpu", "fp32", 1, [[9.0, 1.0, 3.0]],
-                      [[None] * 3], 10, None, 1.0)  # fmt: skip
+    run = TrainResult(
+        "tiny", 1, 1, 2, 64, True, "cpu", "fp32", 1, [[9.0, 1.0, 3.0]], [[None] * 3], 10, None, 1.0
+    )
     pooled = pool_runs([run, replace(run, step_times_s=[[7.0, 2.0]], peak_rss=20)])
     assert pooled.measured_s == [1.0, 3.0, 2.0] and pooled.step_time_s == 2.0
     assert pooled.first_step_s == 8.0 and pooled.warmup_overhead_s == 6.0  # medians of runs

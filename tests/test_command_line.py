@@ -34,20 +34,35 @@ def one_line(*problems: str) -> str:
 @pytest.mark.parametrize(
     "module,args,expected",
     [
-        ("train", ["trainer.max_stepz=1"],
-         "trainer.max_stepz: no such key; did you mean trainer.max_steps?"),
+        (
+            "train",
+            ["trainer.max_stepz=1"],
+            "trainer.max_stepz: no such key; did you mean trainer.max_steps?",
+        ),
         ("train", ["trainer.max_steps=abc"], "trainer.max_steps=abc: expected an integer or null"),
-        ("train", ["experiment=nonexistent"],
-         f"experiment=nonexistent: no such option; choose one of {EXPERIMENTS}"),
+        (
+            "train",
+            ["experiment=nonexistent"],
+            f"experiment=nonexistent: no such option; choose one of {EXPERIMENTS}",
+        ),
         ("train", ["model=gpt3"], f"model=gpt3: no such option; choose one of {MODELS}"),
-        ("evaluate", ["checkpoint=runs/demo", "eval_tokenz=5"],
-         "eval_tokenz: no such key; did you mean eval_tokens?"),
-        ("prepare", ["source=local", "shard_sise=5"],
-         "shard_sise: no such key; did you mean shard_size?"),
-        ("sample", ["checkpoint=runs/demo", "promt=hi"],
-         "promt: no such key; did you mean prompt?"),
+        (
+            "evaluate",
+            ["checkpoint=runs/demo", "eval_tokenz=5"],
+            "eval_tokenz: no such key; did you mean eval_tokens?",
+        ),
+        (
+            "prepare",
+            ["source=local", "shard_sise=5"],
+            "shard_sise: no such key; did you mean shard_size?",
+        ),
+        (
+            "sample",
+            ["checkpoint=runs/demo", "promt=hi"],
+            "promt: no such key; did you mean prompt?",
+        ),
     ],
-)  # fmt: skip
+)
 def test_each_stage_answers_a_mistyped_override_in_one_line(module, args, expected, tmp_path):
     done = run_module(module, *args, cwd=tmp_path, timeout=120)
     assert (done.returncode, done.stderr, done.stdout) == (USER_ERROR, one_line(expected), "")
@@ -56,9 +71,15 @@ def test_each_stage_answers_a_mistyped_override_in_one_line(module, args, expect
 
 def test_every_problem_of_a_command_line_at_once(tmp_path):
     done = run_module(
-        "train", "model=gpt3", "trainer.max_stepz=1", "optim.max_lr=fast",
-        "runtime.compile=maybe", "trainer.eval_interval=3", "+trainer.foo=1", cwd=tmp_path,
-    )  # fmt: skip
+        "train",
+        "model=gpt3",
+        "trainer.max_stepz=1",
+        "optim.max_lr=fast",
+        "runtime.compile=maybe",
+        "trainer.eval_interval=3",
+        "+trainer.foo=1",
+        cwd=tmp_path,
+    )
     assert done.returncode == USER_ERROR
     assert done.stderr == one_line(
         "trainer.eval_interval was renamed to eval.interval: write eval.interval=3",
@@ -73,9 +94,14 @@ def test_every_problem_of_a_command_line_at_once(tmp_path):
 
 def test_a_sweep_is_checked_before_any_job_starts(tmp_path):
     done = run_module(
-        "train", "-m", "experiment=demo", "model=tiny,gpt9", "optim.max_lr=1e-3,abc",
-        f"trainer.runs_dir={tmp_path / 'runs'}", cwd=tmp_path,
-    )  # fmt: skip
+        "train",
+        "-m",
+        "experiment=demo",
+        "model=tiny,gpt9",
+        "optim.max_lr=1e-3,abc",
+        f"trainer.runs_dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
     assert done.returncode == USER_ERROR
     assert done.stderr == one_line(
         f"model=gpt9: no such option; choose one of {MODELS}", "optim.max_lr=abc: expected a number"
@@ -146,8 +172,9 @@ def test_good_command_lines_pass_and_give_the_composed_config():
     assert check_command_line("train", ["experiment=demo", "sweep=lr_grid"]) is None  # a sweep
     assert check_command_line("train", ["-m", "optim.max_lr=1e-3,3e-3"]) is None
     argv = ["source=local", "source.paths=[a.parquet,b.parquet]", "prompt_unused=1"]
-    assert problems("prepare", *argv) == ["prompt_unused: no such key; the config has "
-                                          + ", ".join(_prepare_keys())]  # fmt: skip
+    assert problems("prepare", *argv) == [
+        "prompt_unused: no such key; the config has " + ", ".join(_prepare_keys())
+    ]
 
 
 def _prepare_keys() -> list[str]:

@@ -20,8 +20,9 @@ def test_split_qkv_orthogonalises_each_block_on_its_own():
     optimizers = split_qkv_optimizer(model, cfg, "cpu")
     w = model.transformer.h[0].attn.c_attn.weight  # (96, 32)
     blocks = [b.detach().clone().requires_grad_() for b in w.split(32)]
-    reference = torch.optim.Muon(blocks, lr=0.02, weight_decay=0.0, momentum=0.95,
-                                 adjust_lr_fn="original")  # fmt: skip
+    reference = torch.optim.Muon(
+        blocks, lr=0.02, weight_decay=0.0, momentum=0.95, adjust_lr_fn="original"
+    )
     idx = torch.randint(0, 50257, (4, 17))
     _, loss = model(idx[:, :-1], idx[:, 1:])
     loss.backward()
@@ -38,14 +39,34 @@ def test_split_qkv_orthogonalises_each_block_on_its_own():
 def test_compare_runs_the_sweeps_and_writes_the_tables(sample_shards, tmp_path):
     out, png = tmp_path / "BENCH.md", tmp_path / "loss.png"
     args = [
-        "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--png", str(png),
-        "--adamw-lrs", "1e-2", "--muon-lrs", "0.02",
-        "--muon-adamw-lrs", "2e-2", "--seeds", "5", "--skip", "timing",
-        f"data.shard_dir={sample_shards}", "model.n_layer=2", "model.n_head=2",
-        "model.n_embd=32", "model.block_size=64", "trainer.tokens_per_step=512",
-        "trainer.micro_batch_size=8", "trainer.max_steps=5", "eval.interval=5",
-        "eval.tokens=1024", "optim.warmup_steps=1",
-    ]  # fmt: skip
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+        "--png",
+        str(png),
+        "--adamw-lrs",
+        "1e-2",
+        "--muon-lrs",
+        "0.02",
+        "--muon-adamw-lrs",
+        "2e-2",
+        "--seeds",
+        "5",
+        "--skip",
+        "timing",
+        f"data.shard_dir={sample_shards}",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=64",
+        "trainer.tokens_per_step=512",
+        "trainer.micro_batch_size=8",
+        "trainer.max_steps=5",
+        "eval.interval=5",
+        "eval.tokens=1024",
+        "optim.warmup_steps=1",
+    ]
     done = run_module("compare", *args, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = (tmp_path / "runs" / "compare" / "compare.md").read_text()

@@ -116,13 +116,18 @@ def test_the_slurm_launchers_compose_with_the_job_resources(jobs):
     hydra-submitit-launcher's SLURM launcher with each job's GPUs, time limit and partition
     from launch.*, one task per job (the job starts its own processes), requeued after a
     time limit (max_num_timeout), and as many jobs at once as launch.jobs (256 when null)."""
-    overrides = ["sweep=lr_grid", "hydra/launcher=slurm", "launch.partition=gpu",
-                 "launch.time_min=90", "launch.gpus_per_job=8"] + (
-        [f"launch.jobs={jobs}"] if jobs else [])  # fmt: skip
+    overrides = [
+        "sweep=lr_grid",
+        "hydra/launcher=slurm",
+        "launch.partition=gpu",
+        "launch.time_min=90",
+        "launch.gpus_per_job=8",
+    ] + ([f"launch.jobs={jobs}"] if jobs else [])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        local = compose("train", ["sweep=lr_grid", "hydra/launcher=slurm_local"],
-                        return_hydra_config=True)  # fmt: skip
+        local = compose(
+            "train", ["sweep=lr_grid", "hydra/launcher=slurm_local"], return_hydra_config=True
+        )
     slurm = cfg.hydra.launcher
     assert slurm._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (slurm.partition, slurm.timeout_min, slurm.gpus_per_node) == ("gpu", 90, 8)

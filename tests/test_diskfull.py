@@ -41,8 +41,11 @@ def small_disk(tmp_path) -> Iterator[SmallDisk]:
     where.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -52,8 +55,16 @@ def small_disk(tmp_path) -> Iterator[SmallDisk]:
 
 
 def train_args(shards: Path, runs: Path, *settings: str) -> list[str]:
-    return tiny_run(shards, runs, "run", "eval.interval=0", "eval.tokens=1024",
-                    "checkpoint.interval=1", "checkpoint.keep_last=1", *settings)  # fmt: skip
+    return tiny_run(
+        shards,
+        runs,
+        "run",
+        "eval.interval=0",
+        "eval.tokens=1024",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=1",
+        *settings,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +109,9 @@ def test_disk_full_while_appending_metrics_keeps_complete_records(sample_shards,
     """32 KiB left, no checkpoints: metrics.jsonl fills the disk after some steps; it keeps
     only whole records (the part of the record being written is cut off again)."""
     (small_disk.path / "filler").write_bytes(b"x" * (2 * 1024 * 1024 - 32 * 1024))
-    args = train_args(sample_shards, small_disk.path, "trainer.max_steps=400",
-                      "checkpoint.interval=0")  # fmt: skip
+    args = train_args(
+        sample_shards, small_disk.path, "trainer.max_steps=400", "checkpoint.interval=0"
+    )
     done = run_module("train", *args, timeout=300)
     metrics = small_disk.path / "run" / "metrics.jsonl"
     assert done.returncode == USER_ERROR, done.stderr
@@ -117,9 +129,18 @@ def test_disk_full_while_appending_metrics_keeps_complete_records(sample_shards,
 
 
 def test_disk_full_while_writing_shards(fineweb_sample, small_disk, tmp_path):
-    args = ["prepare", "source=local", f"source.paths=[{fineweb_sample}]", "source.name=sample",
-            "source.max_documents=2000", f"out_dir={small_disk.path}", "shard_size=100000",
-            "val_tokens=100000", "num_workers=1", "progress=false"]  # fmt: skip
+    args = [
+        "prepare",
+        "source=local",
+        f"source.paths=[{fineweb_sample}]",
+        "source.name=sample",
+        "source.max_documents=2000",
+        f"out_dir={small_disk.path}",
+        "shard_size=100000",
+        "val_tokens=100000",
+        "num_workers=1",
+        "progress=false",
+    ]
     done = run_module(*args, timeout=300)
     out = small_disk.path / "sample"
     assert done.returncode == USER_ERROR, done.stderr
@@ -200,9 +221,18 @@ def test_prepare_output_that_is_a_file(fineweb_sample, tmp_path, where):
     blocker = tmp_path / "out" if where == "out_dir" else tmp_path / "out" / "sample"
     blocker.parent.mkdir(exist_ok=True)
     blocker.write_text("mine\n")
-    done = run_module("prepare", "source=local", f"source.paths=[{fineweb_sample}]",
-                      "source.name=sample", "source.max_documents=50", "out_dir=out",
-                      "num_workers=1", "progress=false", cwd=tmp_path, timeout=120)  # fmt: skip
+    done = run_module(
+        "prepare",
+        "source=local",
+        f"source.paths=[{fineweb_sample}]",
+        "source.name=sample",
+        "source.max_documents=50",
+        "out_dir=out",
+        "num_workers=1",
+        "progress=false",
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode == USER_ERROR, done.stderr
     assert done.stderr.startswith("error: output directory out/sample cannot be written (")
     assert done.stderr.endswith("choose another out_dir, or fix the path or its permissions\n")

@@ -30,9 +30,15 @@ def overrides(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
     """A 2-layer model on 64-token windows; 512 tokens per step = 2 micro-batches of 4, which is
     one micro-batch on each of 2 processes or two accumulation steps on 1."""
     return tiny_run(
-        shard_dir, runs_dir, run_name, "trainer.max_steps=4", "eval.interval=2",
-        "eval.tokens=2048", "checkpoint.interval=2", "trainer.seed=11",
-    )  # fmt: skip
+        shard_dir,
+        runs_dir,
+        run_name,
+        "trainer.max_steps=4",
+        "eval.interval=2",
+        "eval.tokens=2048",
+        "checkpoint.interval=2",
+        "trainer.seed=11",
+    )
 
 
 def launch_two_processes(args: list[str]) -> str:
@@ -150,10 +156,15 @@ def test_fsdp_in_bf16_compiled_per_block_follows_the_one_process_run(
     losses follow the float32 one-process run within bf16's rounding; the checkpoint holds the
     float32 shards gathered into whole tensors, which resume on one process."""
     args = overrides(sample_shards, tmp_path, "bf16")
-    out = launch_two_processes(args + [
-        "runtime.fsdp=true", "runtime.precision=bf16", "runtime.compile=true",
-        "runtime.activation_checkpointing=true",
-    ])  # fmt: skip
+    out = launch_two_processes(
+        args
+        + [
+            "runtime.fsdp=true",
+            "runtime.precision=bf16",
+            "runtime.compile=true",
+            "runtime.activation_checkpointing=true",
+        ]
+    )
     assert "precision bf16 | compile True" in out and "FSDP full shard" in out
     run_dir = tmp_path / "bf16"
     two, one = records(run_dir, "train"), records(single, "train")
@@ -179,8 +190,11 @@ def test_fsdp_gathers_bf16_and_keeps_float32_shards():
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64,
-                            padded_vocab_size=64))  # fmt: skip
+    model = GPT(
+        ModelConfig(
+            n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, padded_vocab_size=64
+        )
+    )
     shard(model, "bf16")
     seen = []
     model.transformer.h[1].attn.c_attn.register_forward_hook(
@@ -257,8 +271,9 @@ def test_muon_split_over_two_processes_equals_every_rank_running_it(
     sample_shards, muon_single, muon_double, tmp_path
 ):
     # Every rank running Muon on every matrix: the same weights and momentum, bit for bit.
-    launch_two_processes(overrides(sample_shards, tmp_path, "two")
-                         + ["optim=muon", "optim.muon_sharded=false"])  # fmt: skip
+    launch_two_processes(
+        overrides(sample_shards, tmp_path, "two") + ["optim=muon", "optim.muon_sharded=false"]
+    )
     for split, whole in zip(list_checkpoints(muon_double), list_checkpoints(tmp_path / "two")):
         assert_same_bits(split, whole)
     assert records(muon_double, "train") == records(tmp_path / "two", "train")
@@ -328,12 +343,26 @@ def launch_two_nodes(
     port = str(free_port())
     procs = []
     for rank, node_args in enumerate(args):
-        env = {**os.environ, "MAIN_ADDR": "127.0.0.1", "MAIN_PORT": port, "NNODES": "2",
-               "NODE_RANK": str(rank), "GPUS_PER_NODE": "1", "PYTHON": sys.executable,
-               "OMP_NUM_THREADS": "1"}  # fmt: skip
-        procs.append(subprocess.Popen(["bash", "launch/train_multi_node.sh", *node_args],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+        env = {
+            **os.environ,
+            "MAIN_ADDR": "127.0.0.1",
+            "MAIN_PORT": port,
+            "NNODES": "2",
+            "NODE_RANK": str(rank),
+            "GPUS_PER_NODE": "1",
+            "PYTHON": sys.executable,
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                ["bash", "launch/train_multi_node.sh", *node_args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     done = []
     for proc in procs:
         try:
@@ -346,15 +375,17 @@ def launch_two_nodes(
     return done
 
 
-def test_two_nodes_resume_from_the_mirror_and_follow_one_process(sample_shards, single, double,
-                                                                  tmp_path):  # fmt: skip
+def test_two_nodes_resume_from_the_mirror_and_follow_one_process(
+    sample_shards, single, double, tmp_path
+):
     """The multi-node launcher for real, on new machines: runs/ is empty and the 2-process
     run's step 2 is in its checkpoint mirror. Node 0 pulls it into runs/ (storage both nodes
     read), both resume from it (node 1 checks that it reads the one node 0 chose) and end as
     the one-process run."""
     run_dir, mirror = tmp_path / "two", tmp_path / "mirror"
-    shutil.copytree(double[0] / "checkpoints" / "step_0000002",
-                    mirror / "checkpoints" / "two" / "step_0000002")  # fmt: skip
+    shutil.copytree(
+        double[0] / "checkpoints" / "step_0000002", mirror / "checkpoints" / "two" / "step_0000002"
+    )
     args = overrides(sample_shards, tmp_path, "two") + [f"checkpoint.mirror={mirror}"]
     nodes = launch_two_nodes([args, args])
     assert [n.returncode for n in nodes] == [0, 0], (

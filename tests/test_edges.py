@@ -27,9 +27,17 @@ def test_perplexity_of_a_huge_loss_is_infinite():
 def diverged(sample_shards, tmp_path_factory):
     """The issue's command: optim.max_lr=1e4 optim.grad_clip=0 on the tiny model."""
     runs = tmp_path_factory.mktemp("runs")
-    args = tiny_run(sample_shards, runs, "div", "optim.max_lr=1e4", "optim.grad_clip=0",
-                    "optim.warmup_steps=1", "trainer.max_steps=20", "eval.interval=2",
-                    "eval.tokens=1024")  # fmt: skip
+    args = tiny_run(
+        sample_shards,
+        runs,
+        "div",
+        "optim.max_lr=1e4",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=1",
+        "trainer.max_steps=20",
+        "eval.interval=2",
+        "eval.tokens=1024",
+    )
     return run_module("train", *args, timeout=300), runs / "div"
 
 
@@ -74,27 +82,57 @@ def test_plot_refuses_a_folder_or_an_unknown_format(diverged, tmp_path, out, mes
     assert done.stderr.count("\n") == 1 and sorted(tmp_path.iterdir()) == before
 
 
+def test_plot_without_matplotlib_says_how_to_install_it(diverged, tmp_path):
+    """matplotlib is the `plot` extra: without it, plot stops in one line (exit 2) naming the
+    extra, before it writes anything."""
+    _, run_dir = diverged
+    hidden = tmp_path / "hidden" / "matplotlib"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    out = tmp_path / "curves.png"
+    done = run_module(
+        "plot", str(run_dir), "--out", str(out), env={"PYTHONPATH": str(hidden.parent)}
+    )
+    assert done.returncode == USER_ERROR
+    assert done.stderr == (
+        "error: plots need matplotlib, which is not installed (No module named 'matplotlib'): "
+        "pip install -e '.[plot]'\n"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["plot"], "python -m pipeline.plot: the following arguments are required: runs"),
-        (["export", "checkpoint"], "python -m pipeline.export checkpoint: the following "
-                                   "arguments are required: checkpoint, out_dir"),
-        (["hub", "pull-checkpoint", "me/x"], "python -m pipeline.hub pull-checkpoint: the "
-                                             "following arguments are required: run_name"),
-        (["plan", "cost", "--gpus", "many"], "python -m pipeline.plan cost: argument --gpus: "
-                                             "invalid int value: 'many'"),
-        (["lm_eval", "runs/x", "--limit", "0"], "python -m pipeline.lm_eval: argument --limit: "
-                                                "'0' is not a positive integer"),
+        (
+            ["export", "checkpoint"],
+            "python -m pipeline.export checkpoint: the following "
+            "arguments are required: checkpoint, out_dir",
+        ),
+        (
+            ["hub", "pull-checkpoint", "me/x"],
+            "python -m pipeline.hub pull-checkpoint: the "
+            "following arguments are required: run_name",
+        ),
+        (
+            ["plan", "cost", "--gpus", "many"],
+            "python -m pipeline.plan cost: argument --gpus: invalid int value: 'many'",
+        ),
+        (
+            ["lm_eval", "runs/x", "--limit", "0"],
+            "python -m pipeline.lm_eval: argument --limit: '0' is not a positive integer",
+        ),
         (["compare", "--bogus"], "python -m pipeline.compare: unrecognized arguments: --bogus"),
         (["bench", "--bogus"], "python -m pipeline.bench: unrecognized arguments: --bogus"),
     ],
-)  # fmt: skip
+)
 def test_every_tool_answers_a_mistyped_argument_in_one_line(args, message, tmp_path):
     done = run_module(*args, cwd=tmp_path, timeout=120)
     assert (done.returncode, done.stderr) == (
-        USER_ERROR, f"error: {message} (--help shows the usage)\n"
-    )  # fmt: skip
+        USER_ERROR,
+        f"error: {message} (--help shows the usage)\n",
+    )
     assert list(tmp_path.iterdir()) == []
 
 

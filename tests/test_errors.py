@@ -84,8 +84,10 @@ def test_renamed_keys_name_their_new_key():
         "trainer.eval_interval was renamed to eval.interval: write eval.interval=5",
         "trainer.keep_last was renamed to checkpoint.keep_last: write checkpoint.keep_last=2",
     ]
-    assert all(new.split(".")[0] in ("eval", "checkpoint", "runtime", "profile")
-               for new in RENAMED.values())  # fmt: skip
+    assert all(
+        new.split(".")[0] in ("eval", "checkpoint", "runtime", "profile")
+        for new in RENAMED.values()
+    )
 
 
 def test_an_old_key_on_the_command_line_is_one_line_and_exit_2(tmp_path):
@@ -106,13 +108,26 @@ def test_the_training_entry_point_loads_no_export_hub_or_evaluation_stage():
         "print(sorted({m.split('.')[0] if not m.startswith('pipeline') else m "
         "for m in sys.modules}))"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     loaded = set(eval(done.stdout))
     assert "pipeline.training.loop" in loaded
-    banned_modules = ["huggingface_hub", "datasets", "pipeline.interop", "pipeline.evaluate",
-                      "pipeline.interop.hf_weights", "pipeline.interop.hub_transfer",
-                      "pipeline.evaluation.tasks", "pipeline.tools"]  # fmt: skip
+    banned_modules = [
+        "huggingface_hub",
+        "datasets",
+        "pipeline.interop",
+        "pipeline.evaluate",
+        "pipeline.interop.hf_weights",
+        "pipeline.interop.hub_transfer",
+        "pipeline.evaluation.tasks",
+        "pipeline.tools",
+    ]
     for banned in banned_modules:
         assert banned not in loaded, banned
 

@@ -65,8 +65,15 @@ def test_the_books_gpt_model_gives_our_logits_on_real_text(run, model, shared_da
     book.load_state_dict(torch.load(out / "model.pth", weights_only=True))  # strict
     book.eval()
 
-    assert cfg == {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2,
-                   "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}  # fmt: skip
+    assert cfg == {
+        "vocab_size": 50257,
+        "context_length": 64,
+        "emb_dim": 32,
+        "n_heads": 2,
+        "n_layers": 2,
+        "drop_rate": 0.0,
+        "qkv_bias": True,
+    }
     assert isinstance(book.trf_blocks[0].norm1, ch04.LayerNorm)  # the book's own modules
     assert isinstance(book.trf_blocks[0].ff.layers[1], ch04.GELU)
     assert book.tok_emb.weight.shape == book.out_head.weight.shape == (50257, 32)
@@ -94,8 +101,9 @@ def test_sharp_random_weights_give_the_same_logits_too(shared_data, tmp_path):
     book.load_state_dict(torch.load(out / "model.pth", weights_only=True))
     x = verdict_windows(shared_data, 64, count=2)
     with torch.no_grad():
-        torch.testing.assert_close(book(x), model(x, all_logits=True)[0][..., :50257],
-                                   atol=1e-4, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            book(x), model(x, all_logits=True)[0][..., :50257], atol=1e-4, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "gpt2_xl"])
@@ -125,9 +133,11 @@ def test_a_model_without_biases_gets_zero_biases_in_both_formats():
 # --------------------------------------------------------------------------- llm.c
 
 
-LLMC_SHAPES = ("wte (Vp,C) wpe (T,C) ln1w (L,C) ln1b (L,C) qkvw (L,3C,C) qkvb (L,3C) "
-               "attprojw (L,C,C) attprojb (L,C) ln2w (L,C) ln2b (L,C) fcw (L,4C,C) fcb (L,4C) "
-               "fcprojw (L,C,4C) fcprojb (L,C) lnfw (C) lnfb (C)")  # fmt: skip
+LLMC_SHAPES = (
+    "wte (Vp,C) wpe (T,C) ln1w (L,C) ln1b (L,C) qkvw (L,3C,C) qkvb (L,3C) "
+    "attprojw (L,C,C) attprojb (L,C) ln2w (L,C) ln2b (L,C) fcw (L,4C,C) fcb (L,4C) "
+    "fcprojw (L,C,4C) fcprojb (L,C) lnfw (C) lnfb (C)"
+)
 """llm.c's ParameterTensors in file order (train_gpt2.c, fill_in_parameter_sizes)."""
 
 
@@ -167,8 +177,11 @@ def test_llmc_model_bin_holds_every_tensor_exactly(run, model, tmp_path, capsys)
     wte = sd["transformer.wte.weight"].numpy()  # (50304, 32); its padding rows are trained
     assert np.array_equal(got["wte"][:50257], wte[:50257])
     assert not got["wte"][50257:].any()  # llm.c's pad_vocab: zero rows
-    expected = {"wpe": "transformer.wpe.weight", "lnfw": "transformer.ln_f.weight",
-                "lnfb": "transformer.ln_f.bias"}  # fmt: skip
+    expected = {
+        "wpe": "transformer.wpe.weight",
+        "lnfw": "transformer.ln_f.weight",
+        "lnfb": "transformer.ln_f.bias",
+    }
     expected |= {name: f"transformer.h.N.{key}" for name, key in llmc.LAYER_TENSORS}
     assert set(expected) | {"wte"} == set(got)
     for name, key in expected.items():
@@ -187,8 +200,9 @@ def test_llmc_layout_of_gpt2_124m_has_llmcs_parameter_count():
 
 
 def test_a_missing_checkpoint_is_exit_2_in_one_line(tmp_path):
-    result = run_module("export", "checkpoint", str(tmp_path / "nothing"), str(tmp_path / "out"),
-                        "--format", "llmc")  # fmt: skip
+    result = run_module(
+        "export", "checkpoint", str(tmp_path / "nothing"), str(tmp_path / "out"), "--format", "llmc"
+    )
     assert result.returncode == USER_ERROR
     assert re.fullmatch(r"error: no complete checkpoint in .*\n", result.stderr)
     assert not (tmp_path / "out").exists()
@@ -236,6 +250,7 @@ def test_a_failed_write_leaves_the_earlier_export_and_no_partial_file(
         with pytest.raises(SystemExit) as info:
             guard(export)(model, folder, fmt)
         assert info.value.code == USER_ERROR
-        assert re.fullmatch(r"error: writing .* failed: the disk is full.*\n",
-                            capsys.readouterr().err)  # fmt: skip
+        assert re.fullmatch(
+            r"error: writing .* failed: the disk is full.*\n", capsys.readouterr().err
+        )
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

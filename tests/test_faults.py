@@ -30,10 +30,16 @@ from pipeline.training.loop import train
 def overrides(shard_dir: Path, runs_dir: Path, run_name: str = "run") -> list[str]:
     """A 2-layer model, 6 steps of 512 tokens (2 accumulation steps), checkpoints every 2."""
     return tiny_run(
-        shard_dir, runs_dir, run_name, "trainer.max_steps=6", "eval.interval=2",
-        "eval.tokens=1024", "checkpoint.interval=2", "checkpoint.keep_last=10",
+        shard_dir,
+        runs_dir,
+        run_name,
+        "trainer.max_steps=6",
+        "eval.interval=2",
+        "eval.tokens=1024",
+        "checkpoint.interval=2",
+        "checkpoint.keep_last=10",
         "trainer.seed=5",
-    )  # fmt: skip
+    )
 
 
 def command(args: list[str]) -> list[str]:
@@ -52,8 +58,9 @@ def assert_identical(a: Path, b: Path) -> None:
 def reference(sample_shards, tmp_path_factory) -> Path:
     """The uninterrupted run."""
     runs = tmp_path_factory.mktemp("reference")
-    subprocess.run(command(overrides(sample_shards, runs)), cwd=REPO, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        command(overrides(sample_shards, runs)), cwd=REPO, check=True, capture_output=True
+    )
     return runs / "run"
 
 
@@ -117,8 +124,10 @@ def test_sigterm_while_a_checkpoint_is_written_completes_it_before_exiting(
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED, out
-    steps = [json.loads((p / "state.json").read_text())["step"]
-             for p in list_checkpoints(tmp_path / "run")]  # fmt: skip
+    steps = [
+        json.loads((p / "state.json").read_text())["step"]
+        for p in list_checkpoints(tmp_path / "run")
+    ]
     assert steps[0] == 2 and 3 <= steps[-1] < 6, steps
     assert out.index("step_0000002") < out.index("stopping after step")
     subprocess.run(command(args), cwd=REPO, check=True, capture_output=True)
@@ -174,8 +183,7 @@ def test_repeated_non_finite_steps_stop_with_the_last_good_weights(
     sample_shards, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("PIPELINE_FAULT", "nan:2-6")
-    args = overrides(sample_shards, tmp_path) + ["trainer.max_bad_steps=3",
-                                                 "checkpoint.interval=1"]  # fmt: skip
+    args = overrides(sample_shards, tmp_path) + ["trainer.max_bad_steps=3", "checkpoint.interval=1"]
     with pytest.raises(NumericsError, match="3 steps in a row"):
         train(train_config(args))
     ckpt = tmp_path / "run" / "checkpoints"

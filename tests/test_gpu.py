@@ -41,9 +41,17 @@ def tokens(b: int, t: int, seed: int = 0) -> torch.Tensor:
 
 def test_one_wait_per_step_on_cuda(sample_shards, tmp_path):
     """torch's sync debug mode warns at every synchronising call: one per step (the report)."""
-    cfg = train_config(tiny_run(sample_shards, tmp_path, "run", "runtime.cpu=false",
-                                "trainer.max_steps=5", "eval.tokens=0",
-                                "checkpoint.interval=0"))  # fmt: skip
+    cfg = train_config(
+        tiny_run(
+            sample_shards,
+            tmp_path,
+            "run",
+            "runtime.cpu=false",
+            "trainer.max_steps=5",
+            "eval.tokens=0",
+            "checkpoint.interval=0",
+        )
+    )
     with contextlib.ExitStack() as held:
         run = setup(cfg, held)
         run.step(1, 1.0, run.loader.next_batch, lambda: False, run.loader.prefetch)  # warm-up
@@ -53,8 +61,7 @@ def test_one_wait_per_step_on_cuda(sample_shards, tmp_path):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 for step in range(2, 5):
-                    run.step(step, 1.0, run.loader.next_batch, lambda: False,
-                             run.loader.prefetch)  # fmt: skip
+                    run.step(step, 1.0, run.loader.next_batch, lambda: False, run.loader.prefetch)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
@@ -71,8 +78,11 @@ def test_chunked_loss_equals_the_full_logits_on_cuda(precision, monkeypatch):
     for impl in ("full", "chunked"):
         model.zero_grad(set_to_none=True)
         model.loss_impl = impl
-        autocast = torch.autocast("cuda", torch.bfloat16) if precision == "bf16" else (
-            contextlib.nullcontext())  # fmt: skip
+        autocast = (
+            torch.autocast("cuda", torch.bfloat16)
+            if precision == "bf16"
+            else (contextlib.nullcontext())
+        )
         with autocast:
             _, loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
@@ -103,8 +113,7 @@ def test_compiled_bf16_step_equals_the_eager_step():
 def test_attention_takes_a_flash_or_cudnn_kernel_for_gpt2_shapes():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(4, 12, 1024, 64, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))  # fmt: skip
+    q, k, v = (torch.randn(4, 12, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert out.isfinite().all()
@@ -138,10 +147,23 @@ def test_kv_cache_samples_the_same_tokens_on_cuda():
 
 def two_gpu_run(sample_shards, runs, name: str, *extra: str) -> None:
     env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable}
-    args = tiny_run(sample_shards, runs, name, "runtime.cpu=false", "trainer.max_steps=4",
-                    "eval.tokens=2048", "trainer.seed=11", *extra)  # fmt: skip
-    done = subprocess.run(["bash", "launch/train_single_node.sh", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    args = tiny_run(
+        sample_shards,
+        runs,
+        name,
+        "runtime.cpu=false",
+        "trainer.max_steps=4",
+        "eval.tokens=2048",
+        "trainer.seed=11",
+        *extra,
+    )
+    done = subprocess.run(
+        ["bash", "launch/train_single_node.sh", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -152,11 +174,18 @@ def test_two_gpus_follow_one(sample_shards, tmp_path, extra):
     mattering at this tolerance."""
     from pipeline.training.loop import train
 
-    settings = ["runtime.cpu=false", "trainer.max_steps=4", "eval.tokens=2048",
-                "trainer.seed=11", "runtime.precision=fp32", "runtime.compile=false"]  # fmt: skip
+    settings = [
+        "runtime.cpu=false",
+        "trainer.max_steps=4",
+        "eval.tokens=2048",
+        "trainer.seed=11",
+        "runtime.precision=fp32",
+        "runtime.compile=false",
+    ]
     train(train_config(tiny_run(sample_shards, tmp_path, "one", *settings)))
-    two_gpu_run(sample_shards, tmp_path, "two", "runtime.precision=fp32",
-                "runtime.compile=false", *extra)  # fmt: skip
+    two_gpu_run(
+        sample_shards, tmp_path, "two", "runtime.precision=fp32", "runtime.compile=false", *extra
+    )
     one, two = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
@@ -170,8 +199,14 @@ def test_muon_split_over_two_gpus_equals_every_gpu_running_it(sample_shards, tmp
     from helpers.runs import final_weights
 
     for name, sharded in (("split", "true"), ("whole", "false")):
-        two_gpu_run(sample_shards, tmp_path, name, "optim=muon", "runtime.compile=false",
-                    f"optim.muon_sharded={sharded}")  # fmt: skip
+        two_gpu_run(
+            sample_shards,
+            tmp_path,
+            name,
+            "optim=muon",
+            "runtime.compile=false",
+            f"optim.muon_sharded={sharded}",
+        )
     split, whole = final_weights(tmp_path / "split"), final_weights(tmp_path / "whole")
     assert all(torch.equal(split[k], whole[k]) for k in whole)
 
@@ -194,8 +229,9 @@ def test_the_run_probe_recovers_from_out_of_memory():
     model and optimizer then train a size that fits (DDP's buckets included)."""
     import json
 
-    done = subprocess.run([sys.executable, "-c", PROBE_CODE], cwd=REPO, capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE_CODE], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["fits"] == [True, False, True] and result["peak"] > 0

@@ -57,8 +57,14 @@ class SyncCounter:
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 def test_one_wait_per_step_through_the_training_loop(sample_shards, tmp_path, monkeypatch, optim):
     steps = 12
-    settings = [f"optim={optim}", "optim.fused=true", f"trainer.max_steps={steps}",
-                "trainer.log_interval=5", "eval.tokens=0", "checkpoint.interval=0"]  # fmt: skip
+    settings = [
+        f"optim={optim}",
+        "optim.fused=true",
+        f"trainer.max_steps={steps}",
+        "trainer.log_interval=5",
+        "eval.tokens=0",
+        "checkpoint.interval=0",
+    ]
     cfg = train_config(tiny_run(sample_shards, tmp_path, "run", *settings))
     counter = SyncCounter(monkeypatch)
     with contextlib.ExitStack() as held:
@@ -73,8 +79,9 @@ def test_one_wait_per_step_through_the_training_loop(sample_shards, tmp_path, mo
 
 
 def test_prefetch_returns_the_same_batches_and_keeps_the_position(sample_shards, tmp_path):
-    cfg = train_config(tiny_run(sample_shards, tmp_path, "run", "trainer.max_steps=4",
-                                "eval.tokens=0"))  # fmt: skip
+    cfg = train_config(
+        tiny_run(sample_shards, tmp_path, "run", "trainer.max_steps=4", "eval.tokens=0")
+    )
     with contextlib.ExitStack() as held:
         run = setup(cfg, held)
         plain = [run.loader.next_batch() for _ in range(3)]

@@ -81,8 +81,15 @@ def trained(tmp_path_factory, sample_shards) -> Path:
     cwd = os.getcwd()
     os.chdir(home)
     try:
-        train(small_config(Path("shards/demo"), home / "runs", max_steps=2, eval_tokens=0,
-                           checkpoint_interval=1))  # fmt: skip
+        train(
+            small_config(
+                Path("shards/demo"),
+                home / "runs",
+                max_steps=2,
+                eval_tokens=0,
+                checkpoint_interval=1,
+            )
+        )
     finally:
         os.chdir(cwd)
     return home / "runs" / "run"
@@ -152,8 +159,11 @@ def test_evaluate_refuses_changed_data_and_keeps_the_result(run_copy, shards, tm
 def test_explicit_shard_dir_is_scored_and_recorded(run_copy, shards, tmp_path, monkeypatch):
     other = other_data(shards, tmp_path / "other")
     monkeypatch.chdir(tmp_path)
-    result = evaluate(EvaluateConfig(checkpoint=str(run_copy), shard_dir="other",
-                                     eval_tokens=2048, sample_tokens=0))  # fmt: skip
+    result = evaluate(
+        EvaluateConfig(
+            checkpoint=str(run_copy), shard_dir="other", eval_tokens=2048, sample_tokens=0
+        )
+    )
     assert result["shard_dir"] == str(other.resolve())
     assert result["manifest_fingerprint"] == manifest_fingerprint(other)
     assert result["manifest_fingerprint"] != manifest_fingerprint(shards)
@@ -206,8 +216,11 @@ def test_split_totals_must_match_the_manifest(shard_copy):
         manifest["splits"]["val"]["tokens"] += 1
 
     n = edit_manifest(shard_copy, inflate)["splits"]["val"]["tokens"] - 1
-    with pytest.raises(ShardError, match=f"manifest.json: its 'val' shards hold {n:,} tokens but "
-                                         f"its splits.val.tokens records {n + 1:,}"):  # fmt: skip
+    with pytest.raises(
+        ShardError,
+        match=f"manifest.json: its 'val' shards hold {n:,} tokens but "
+        f"its splits.val.tokens records {n + 1:,}",
+    ):
         open_split(shard_copy, "val")
     assert open_split(shard_copy, "train").num_tokens > 0  # the other split is intact
 
@@ -238,8 +251,10 @@ def test_allow_other_data_continues_on_the_new_data(run_copy, shards, tmp_path, 
     assert train(cfg)["steps"] == 2
     assert "note: continuing on other data" in capsys.readouterr().out
     data = state_of(run_copy / "checkpoints" / "step_0000002")["data"]
-    assert data == {"shard_dir": str(other.resolve()),
-                    "manifest_fingerprint": manifest_fingerprint(other)}  # fmt: skip
+    assert data == {
+        "shard_dir": str(other.resolve()),
+        "manifest_fingerprint": manifest_fingerprint(other),
+    }
 
 
 def test_checkpoint_without_data_identity_resumes_as_before(run_copy, shards):
@@ -262,7 +277,7 @@ def test_checkpoint_without_data_identity_resumes_as_before(run_copy, shards):
             ["model.n_layer=3"],
             "trained with model.n_layer=2; this launch sets model.n_layer=3: "
             "resume with model.n_layer=2",
-        ),  # fmt: skip
+        ),
         (
             ["model.n_embd=64", "model.n_head=4"],
             "trained with model.n_head=2, model.n_embd=32; "
@@ -271,7 +286,7 @@ def test_checkpoint_without_data_identity_resumes_as_before(run_copy, shards):
         (
             ["data.block_size=32"],
             "trained with data.block_size=64; this launch sets data.block_size=32",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_resume_with_another_model_stops_before_loading(run_copy, shards, change, message):
@@ -315,8 +330,10 @@ def test_validation_ids_above_the_vocabulary_name_the_shard(shard_copy, tmp_path
         f.write(b"\x60\xea")  # token id 60000 >= vocab_size 50257
     windows = ValidationWindows(open_split(shard_copy, "val"), 64, 2048, VOCAB)
     windows.window(0)  # tokens 0..64
-    with pytest.raises(ShardError, match=f"{val.name}: token id 60000 at tokens 64..128 is not "
-                                         "below vocab_size 50257"):  # fmt: skip
+    with pytest.raises(
+        ShardError,
+        match=f"{val.name}: token id 60000 at tokens 64..128 is not below vocab_size 50257",
+    ):
         windows.window(1)
     with pytest.raises(ShardError, match=f"{val.name}: token id 60000"):
         train(small_config(shard_copy, tmp_path, max_steps=2, eval_tokens=2048))

@@ -29,10 +29,16 @@ from pipeline.training.runlog import read_records
 def interrupt_when(args: list[str], ready: Callable[[], bool], cwd: Path) -> tuple[int, str, str]:
     """Start `python -m pipeline.<args>` in its own process group, send the group SIGINT once
     ready() holds, and return (exit code, stdout, stderr)."""
-    process = subprocess.Popen(command(*args), cwd=cwd, env=process_env(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True,
-                               preexec_fn=sigint_as_at_a_terminal)  # fmt: skip
+    process = subprocess.Popen(
+        command(*args),
+        cwd=cwd,
+        env=process_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=sigint_as_at_a_terminal,
+    )
     try:
         deadline = time.monotonic() + 180
         while not ready():
@@ -47,9 +53,16 @@ def interrupt_when(args: list[str], ready: Callable[[], bool], cwd: Path) -> tup
 
 
 def test_ctrl_c_in_training_keeps_complete_checkpoints_and_resumes(sample_shards, tmp_path):
-    args = tiny_run(sample_shards, tmp_path, "run", "trainer.max_steps=6", "eval.interval=0",
-                    "eval.tokens=1024", "checkpoint.interval=1",
-                    "checkpoint.keep_last=20")  # fmt: skip
+    args = tiny_run(
+        sample_shards,
+        tmp_path,
+        "run",
+        "trainer.max_steps=6",
+        "eval.interval=0",
+        "eval.tokens=1024",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=20",
+    )
     run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
     code, out, err = interrupt_when(
         ["train", *args], lambda: (checkpoints / "step_0000002").is_dir(), tmp_path
@@ -67,10 +80,20 @@ def test_ctrl_c_in_training_keeps_complete_checkpoints_and_resumes(sample_shards
 
 
 def prepare_args(fineweb_sample: Path, name: str, workers: int) -> list[str]:
-    return ["prepare", "source=local", f"source.paths=[{fineweb_sample}]", "source.name=sample",
-            "source.max_documents=600", f"name={name}", "out_dir=out", "shard_size=5000",
-            "val_tokens=5000", f"num_workers={workers}", "docs_per_task=8",
-            "progress=false"]  # fmt: skip
+    return [
+        "prepare",
+        "source=local",
+        f"source.paths=[{fineweb_sample}]",
+        "source.name=sample",
+        "source.max_documents=600",
+        f"name={name}",
+        "out_dir=out",
+        "shard_size=5000",
+        "val_tokens=5000",
+        f"num_workers={workers}",
+        "docs_per_task=8",
+        "progress=false",
+    ]
 
 
 @pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])
@@ -93,11 +116,17 @@ def test_ctrl_c_in_prepare_keeps_completed_shards_and_continues(fineweb_sample, 
     assert again.returncode == 0, again.stderr
     assert f"resuming out/sample: {len(recorded)} shards complete" in again.stdout
 
-    reference = prepare(PrepareConfig(
-        source=SourceConfig(name="sample", kind="local", paths=[str(fineweb_sample)],
-                            max_documents=600),
-        out_dir=str(tmp_path / "reference"), shard_size=5000, val_tokens=5000, num_workers=1,
-        progress=False,
-    ))  # fmt: skip
+    reference = prepare(
+        PrepareConfig(
+            source=SourceConfig(
+                name="sample", kind="local", paths=[str(fineweb_sample)], max_documents=600
+            ),
+            out_dir=str(tmp_path / "reference"),
+            shard_size=5000,
+            val_tokens=5000,
+            num_workers=1,
+            progress=False,
+        )
+    )
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference))
     assert all((out / n).read_bytes() == (reference / n).read_bytes() for n in os.listdir(out))

@@ -105,7 +105,7 @@ def test_greedy_and_seeded_sampling_on_a_trained_checkpoint(trained):
         runs = [
             trained.generate(idx, 56, 0.8, top_k, top_p, torch.Generator().manual_seed(5), cache)
             for cache in (True, False)
-        ]  # fmt: skip
+        ]
         assert torch.equal(*runs), (top_k, top_p)
 
 

@@ -60,8 +60,14 @@ def test_a_launched_config_error_exits_2_not_torchruns_1():
     """accelerate's launcher exits 1 for any failed worker; the script exits with the worker's
     code, so auto_resume.sh and SLURM stop instead of restarting a config error."""
     env = process_env(NPROC="2", PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", "launch/train_single_node.sh", "trainer.max_stepz=1"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "launch/train_single_node.sh", "trainer.max_stepz=1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == USER_ERROR, done.stderr[-2000:]
     assert "error: invalid configuration: trainer.max_stepz: no such key" in done.stderr
 
@@ -77,9 +83,14 @@ def fake_slurm(tmp_path: Path, code: int) -> dict[str, str]:
     )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
-            "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "1",
-            "SLURM_SUBMIT_DIR": str(REPO)}  # fmt: skip
+    return {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "node0",
+        "SLURM_NNODES": "1",
+        "SLURM_GPUS_ON_NODE": "1",
+        "SLURM_SUBMIT_DIR": str(REPO),
+    }
 
 
 @pytest.mark.parametrize(
@@ -95,10 +106,20 @@ def fake_slurm(tmp_path: Path, code: int) -> dict[str, str]:
     ],
 )
 def test_slurm_requeues_only_preemptions_and_crashes(tmp_path, code, restarts, after_s, requeued):
-    env = {**os.environ, **fake_slurm(tmp_path, code), "SLURM_RESTART_COUNT": str(restarts),
-           "REQUEUE_AFTER_S": after_s}  # fmt: skip
-    done = subprocess.run(["bash", "launch/slurm.sbatch", "experiment=gpt2_124m_10bt"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    env = {
+        **os.environ,
+        **fake_slurm(tmp_path, code),
+        "SLURM_RESTART_COUNT": str(restarts),
+        "REQUEUE_AFTER_S": after_s,
+    }
+    done = subprocess.run(
+        ["bash", "launch/slurm.sbatch", "experiment=gpt2_124m_10bt"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == code
     log = tmp_path / "requeues"
     assert (log.read_text() == "requeue 7\n") if requeued else not log.exists()
@@ -117,12 +138,24 @@ def test_sigterm_to_the_launch_script_checkpoints_and_exits_75(sample_shards, tm
     from pipeline.errors import PREEMPTED
     from pipeline.training.checkpoint.folder import list_checkpoints
 
-    args = tiny_run(sample_shards, tmp_path, "run", "trainer.max_steps=500",
-                    "checkpoint.interval=0", "eval.interval=0")  # fmt: skip
+    args = tiny_run(
+        sample_shards,
+        tmp_path,
+        "run",
+        "trainer.max_steps=500",
+        "checkpoint.interval=0",
+        "eval.interval=0",
+    )
     env = process_env(NPROC="2", PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    script = subprocess.Popen(["bash", "launch/train_single_node.sh", *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)  # fmt: skip
+    script = subprocess.Popen(
+        ["bash", "launch/train_single_node.sh", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
     while not (metrics.is_file() and '"train"' in metrics.read_text()):
         assert script.poll() is None and time.monotonic() < deadline, script.communicate()

@@ -79,8 +79,18 @@ def run_dir(sample_shards, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_local_hellaswag_task_scores_the_newest_checkpoint(run_dir, task_yaml, items):
-    done = run_module("lm_eval", str(run_dir), "--tasks", str(task_yaml), "--limit", str(LIMIT),
-                      "--batch-size", "8", "--device", "cpu")  # fmt: skip
+    done = run_module(
+        "lm_eval",
+        str(run_dir),
+        "--tasks",
+        str(task_yaml),
+        "--limit",
+        str(LIMIT),
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((run_dir / "eval" / f"step_0000004{LM_EVAL}").read_text())
     assert record["step"] == 4 and record["export"] == str(run_dir / "hf_export")

@@ -62,8 +62,13 @@ def test_a_lock_of_a_killed_process_does_not_block(tmp_path):
         "with folder_lock(sys.argv[1], 'x', 'y'):\n"
         "    print('held', flush=True); time.sleep(600)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
-                              env=process_env(), stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO,
+        env=process_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(FolderLockedError, match=f"process {holder.pid} on "):
@@ -81,10 +86,16 @@ def test_second_training_on_a_live_run_is_refused(sample_shards, tmp_path):
     """Two real trainings with one run_name: the second exits 2 naming the first, which goes on
     undisturbed (its metrics not interleaved) until it is interrupted."""
     args = train_args(sample_shards, tmp_path, "trainer.max_steps=500", "checkpoint.interval=0")
-    first = subprocess.Popen(command("train", *args), cwd=REPO, env=process_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True,
-                             preexec_fn=sigint_as_at_a_terminal)  # fmt: skip
+    first = subprocess.Popen(
+        command("train", *args),
+        cwd=REPO,
+        env=process_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=sigint_as_at_a_terminal,
+    )
     run = tmp_path / "run"
     try:
         deadline = time.monotonic() + 180
@@ -113,10 +124,17 @@ def test_second_prepare_into_a_held_output_is_refused(fineweb_sample, tmp_path):
     out = tmp_path / "out" / "sample"
     with folder_lock(out, "prepare output", "name or out_dir"):
         done = run_module(
-            "prepare", "source=local", f"source.paths=[{fineweb_sample}]", "source.name=sample",
-            "source.max_documents=50", "out_dir=out", "num_workers=1", "progress=false",
-            cwd=tmp_path, timeout=120,
-        )  # fmt: skip
+            "prepare",
+            "source=local",
+            f"source.paths=[{fineweb_sample}]",
+            "source.name=sample",
+            "source.max_documents=50",
+            "out_dir=out",
+            "num_workers=1",
+            "progress=false",
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert done.returncode == USER_ERROR, done.stderr
         assert done.stderr == held_message("prepare output", Path("out/sample"), "name or out_dir")
         assert [p.name for p in out.iterdir()] == [LOCK]  # nothing written

@@ -60,9 +60,13 @@ def s3_env():
     port = free_port()
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # for the s3fs of this process (the test's own reads)
     try:
@@ -88,8 +92,9 @@ def mirrored(url: str, run_dir: Path) -> Mirror:
 
 
 @pytest.mark.parametrize("kind", ["folder", pytest.param("s3", marks=pytest.mark.slow)])
-def test_a_lost_machine_continues_from_the_mirror(kind, reference, sample_shards, tmp_path,
-                                                  request):  # fmt: skip
+def test_a_lost_machine_continues_from_the_mirror(
+    kind, reference, sample_shards, tmp_path, request
+):
     """Train with a mirror (keeping 2 checkpoints), lose runs/, and find the mirror's step 4
     partial (its state.json gone, as an upload killed with the machine leaves it): the run
     pulls step 2, checks it, continues to the uninterrupted run's weights, and uploads a
@@ -154,8 +159,9 @@ def test_a_failing_mirror_never_stops_training(reference, sample_shards, tmp_pat
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
     runs = tmp_path / "runs"
-    done = run_module("train", *overrides(sample_shards, runs, f"checkpoint.mirror={blocker}/m"),
-                      timeout=300)  # fmt: skip
+    done = run_module(
+        "train", *overrides(sample_shards, runs, f"checkpoint.mirror={blocker}/m"), timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     warnings = [ln for ln in done.stdout.splitlines() if ln.startswith("warning: mirroring")]
     assert warnings and all("the next checkpoint tries again" in ln for ln in warnings)
@@ -168,24 +174,32 @@ def test_a_slow_upload_is_cut_off_at_the_time_limit(sample_shards, tmp_path):
     """At the end of the run the upload in flight gets checkpoint.mirror_timeout_s: past it
     the run says so in one line and ends (exit 0), its local checkpoints complete."""
     url, runs = str(tmp_path / "mirror"), tmp_path / "runs"
-    done = run_module("train", *overrides(sample_shards, runs, f"checkpoint.mirror={url}",
-                                          "checkpoint.mirror_timeout_s=0.5"),
-                      env={"PIPELINE_FAULT": "mirror_stall:4"}, timeout=300)  # fmt: skip
+    done = run_module(
+        "train",
+        *overrides(
+            sample_shards, runs, f"checkpoint.mirror={url}", "checkpoint.mirror_timeout_s=0.5"
+        ),
+        env={"PIPELINE_FAULT": "mirror_stall:4"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert ("did not finish within checkpoint.mirror_timeout_s=0.5; the local checkpoints are "
-            "complete") in done.stdout  # fmt: skip
+    assert (
+        "did not finish within checkpoint.mirror_timeout_s=0.5; the local checkpoints are complete"
+    ) in done.stdout
     assert [p.name for p in list_checkpoints(runs / "run")] == ["step_0000002", "step_0000004"]
     mirror = mirrored(url, runs / "run")
     assert sorted(mirror.remote()) == [2]  # the process did not wait for step 4's upload
-    again = run_module("train", *overrides(sample_shards, runs, f"checkpoint.mirror={url}"),
-                       timeout=300)  # fmt: skip
+    again = run_module(
+        "train", *overrides(sample_shards, runs, f"checkpoint.mirror={url}"), timeout=300
+    )
     assert again.returncode == 0 and "run already complete" in again.stdout, again.stderr
     assert sorted(mirror.remote()) == [2, 4]  # the next start uploaded what the mirror lacked
 
 
 def test_a_url_no_file_system_handles_is_one_line(sample_shards, tmp_path):
-    done = run_module("train", *overrides(sample_shards, tmp_path, "checkpoint.mirror=nosuch://x"),
-                      timeout=120)  # fmt: skip
+    done = run_module(
+        "train", *overrides(sample_shards, tmp_path, "checkpoint.mirror=nosuch://x"), timeout=120
+    )
     assert done.returncode == USER_ERROR
     assert done.stderr == (
         "error: invalid configuration: checkpoint.mirror=nosuch://x: not a URL fsspec can open "
@@ -199,8 +213,16 @@ def test_a_url_no_file_system_handles_is_one_line(sample_shards, tmp_path):
 def mirrored_run(sample_shards, tmp_path_factory) -> Path:
     """A finished run (checkpoints 2 and 4) and its folder mirror, side by side: runs/, mirror/."""
     root = tmp_path_factory.mktemp("mirrored")
-    train(train_config(overrides(sample_shards, root / "runs", f"checkpoint.mirror={root}/mirror",
-                                 "checkpoint.keep_last=2")))  # fmt: skip
+    train(
+        train_config(
+            overrides(
+                sample_shards,
+                root / "runs",
+                f"checkpoint.mirror={root}/mirror",
+                "checkpoint.keep_last=2",
+            )
+        )
+    )
     return root
 
 
@@ -216,8 +238,10 @@ def test_a_damaged_local_checkpoint_is_replaced_by_its_mirrored_copy(copy):
     tensors.write_bytes(tensors.read_bytes()[:100])  # truncated: read_state refuses it
     mirror = mirrored(str(copy / "mirror"), copy / "runs" / "run")
     assert mirror.pull() == step4
-    assert tensors.stat().st_size == (copy / "mirror/checkpoints/run/step_0000004" /
-                                      tensors.name).stat().st_size  # fmt: skip
+    assert (
+        tensors.stat().st_size
+        == (copy / "mirror/checkpoints/run/step_0000004" / tensors.name).stat().st_size
+    )
     assert not (copy / "runs" / "run" / "checkpoints" / ".mirror_download").exists()
 
 
@@ -239,9 +263,16 @@ def test_a_new_run_refuses_a_name_the_mirror_holds(copy, sample_shards):
     """checkpoint.resume=never on a machine without the run's folder: the mirror has its
     checkpoints, so the run stops in one line instead of overwriting them."""
     shutil.rmtree(copy / "runs")
-    done = run_module("train", *overrides(sample_shards, copy / "runs",
-                                          f"checkpoint.mirror={copy}/mirror",
-                                          "checkpoint.resume=never"), timeout=120)  # fmt: skip
+    done = run_module(
+        "train",
+        *overrides(
+            sample_shards,
+            copy / "runs",
+            f"checkpoint.mirror={copy}/mirror",
+            "checkpoint.resume=never",
+        ),
+        timeout=120,
+    )
     assert done.returncode == USER_ERROR
     assert done.stderr == (
         f"error: {copy}/mirror/checkpoints/run already holds checkpoints of this run and "
@@ -257,8 +288,9 @@ def test_a_preempted_run_exits_75_once_its_last_checkpoint_is_mirrored(sample_sh
     args = overrides(sample_shards, runs, f"checkpoint.mirror={url}", "trainer.max_steps=400")
     metrics = runs / "run" / "metrics.jsonl"
     env = process_env(PIPELINE_FAULT="mirror_stall:2")
-    process = subprocess.Popen(command("train", *args), cwd=REPO, stdout=subprocess.PIPE,
-                               text=True, env=env)  # fmt: skip
+    process = subprocess.Popen(
+        command("train", *args), cwd=REPO, stdout=subprocess.PIPE, text=True, env=env
+    )
     wait_until(process, lambda: metrics.exists() and '"step": 3' in metrics.read_text(), 120)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)

@@ -92,8 +92,10 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     )
     decay, no_decay = adamw.param_groups
-    assert {names[id(p)] for p in decay["params"]} == {"transformer.wte.weight",
-                                                       "transformer.wpe.weight"}  # fmt: skip
+    assert {names[id(p)] for p in decay["params"]} == {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+    }
     assert all(p.dim() == 1 for p in no_decay["params"])
     every = [p for opt in (muon, adamw) for g in opt.param_groups for p in g["params"]]
     assert len(every) == len({id(p) for p in every}) == len(list(model.parameters()))

@@ -207,8 +207,9 @@ def test_activation_and_logit_estimate_matches_measured_peak(precision, loss_imp
         training_peak_bytes(model, random_tokens(WIDE_VOCAB, b, seq), precision == "bf16")
         for b in (2, 4)
     ]
-    estimates = [estimate_memory(WIDE_VOCAB, b, seq, precision, loss_impl=loss_impl)
-                 for b in (2, 4)]  # fmt: skip
+    estimates = [
+        estimate_memory(WIDE_VOCAB, b, seq, precision, loss_impl=loss_impl) for b in (2, 4)
+    ]
     estimated = [e["activations"] + e["logits"] for e in estimates]
     ratio = (measured[1] - measured[0]) / (estimated[1] - estimated[0])
     assert 0.75 <= ratio <= 1.33, (measured, estimated)
@@ -224,8 +225,10 @@ def test_the_chunked_loss_keeps_the_peak_below_the_full_logits_and_as_estimated(
     for impl in ("full", "chunked"):
         model.loss_impl = impl
         peaks[impl] = training_peak_bytes(model, tokens, bf16=False)
-    est = {i: estimate_memory(cfg, 8, 256, "fp32", loss_impl=i, device_type="cpu")
-           for i in ("full", "chunked")}  # fmt: skip
+    est = {
+        i: estimate_memory(cfg, 8, 256, "fp32", loss_impl=i, device_type="cpu")
+        for i in ("full", "chunked")
+    }
     assert peaks["chunked"] < 0.4 * peaks["full"]
     saved, estimated = (
         peaks["full"] - peaks["chunked"],
@@ -337,13 +340,26 @@ def write_metrics(path: Path, step_times: list[float], tokens_per_step: int = 52
     """metrics.jsonl as Reporter.train_step and Reporter.val_step write it."""
     lines = []
     for step, dt in enumerate(step_times, start=1):
-        train = {"kind": "train", "step": step, "loss": 5.0, "lr": 6e-4, "grad_norm": 1.0,
-                 "tokens_per_s": tokens_per_step / dt, "mfu": None, "step_time_s": dt,
-                 "tokens_seen": step * tokens_per_step}  # fmt: skip
+        train = {
+            "kind": "train",
+            "step": step,
+            "loss": 5.0,
+            "lr": 6e-4,
+            "grad_norm": 1.0,
+            "tokens_per_s": tokens_per_step / dt,
+            "mfu": None,
+            "step_time_s": dt,
+            "tokens_seen": step * tokens_per_step,
+        }
         lines.append(json.dumps(train))
         if step % 4 == 0:
-            val = {"kind": "val", "step": step, "loss": 5.1, "perplexity": math.exp(5.1),
-                   "tokens_seen": step * tokens_per_step}  # fmt: skip
+            val = {
+                "kind": "val",
+                "step": step,
+                "loss": 5.1,
+                "perplexity": math.exp(5.1),
+                "tokens_seen": step * tokens_per_step,
+            }
             lines.append(json.dumps(val))
     path.write_text("".join(line + "\n" for line in lines))
 
@@ -372,19 +388,32 @@ def run_plan(*args: str) -> str:
 def table_rows(text: str) -> dict[int, dict[str, float]]:
     """The rows of the memory table, keyed by micro-batch size: {column: GiB}."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("micro_batch"))
-    columns = lines[start].split()[1:]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| micro_batch_size |"))
+    columns = [c.strip() for c in lines[start].strip("|").split("|")][1:]
     rows = {}
-    for line in lines[start + 1 :]:
-        size, *cells = line.split()
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        size, *cells = (c.strip() for c in line.strip("|").split("|"))
         rows[int(size)] = dict(zip(columns, map(float, cells)))
     return rows
 
 
 def test_memory_command_prints_the_estimate_table():
     cfg = PRESETS["gpt2_large"]
-    out = run_plan("memory", "--model", "gpt2_large", "--block-size", "1024",
-                   "--micro-batch-size", "8", "16", "--world-size", "8", "--sharded")  # fmt: skip
+    out = run_plan(
+        "memory",
+        "--model",
+        "gpt2_large",
+        "--block-size",
+        "1024",
+        "--micro-batch-size",
+        "8",
+        "16",
+        "--world-size",
+        "8",
+        "--sharded",
+    )
     rows = table_rows(out)
     assert sorted(rows) == [8, 16]
     for b, row in rows.items():
@@ -393,8 +422,9 @@ def test_memory_command_prints_the_estimate_table():
 
 
 def test_memory_command_gives_the_micro_batch_for_common_gpus():
-    out = run_plan("memory", "--model", "gpt2_medium", "--optimizer", "muon",
-                   "--micro-batch-size", "8")  # fmt: skip
+    out = run_plan(
+        "memory", "--model", "gpt2_medium", "--optimizer", "muon", "--micro-batch-size", "8"
+    )
     line = next(ln for ln in out.splitlines() if ln.startswith("largest power-of-two"))
     fits = dict(cell.split(" GB: ") for cell in line.split("): ")[1].split(" | "))
     cfg = PRESETS["gpt2_medium"]
@@ -407,8 +437,9 @@ def test_memory_command_gives_the_micro_batch_for_common_gpus():
 
 
 def test_cost_command_prints_wall_time_and_cost(tmp_path, capsys):
-    out = run_plan("cost", "--tokens", "10e9", "--tokens-per-s", "500000", "--gpus", "8",
-                   "--price", "2.5")  # fmt: skip
+    out = run_plan(
+        "cost", "--tokens", "10e9", "--tokens-per-s", "500000", "--gpus", "8", "--price", "2.5"
+    )
     hours = 10e9 / 500_000 / 3600
     assert "20,000 s" in out and f"{hours:,.2f} h" in out
     assert f"= {8 * hours * 2.5:,.2f}" in out
@@ -418,8 +449,21 @@ def test_cost_command_prints_wall_time_and_cost(tmp_path, capsys):
     rate = 524_288 / 1.0
     assert f"{1e9 / rate:,.0f} s" in capsys.readouterr().out
     with pytest.raises(DataError, match="skip_first"):
-        main(["cost", "--tokens", "1e9", "--metrics", str(path), "--skip-first", "40",
-              "--gpus", "1", "--price", "3"])  # fmt: skip
+        main(
+            [
+                "cost",
+                "--tokens",
+                "1e9",
+                "--metrics",
+                str(path),
+                "--skip-first",
+                "40",
+                "--gpus",
+                "1",
+                "--price",
+                "3",
+            ]
+        )
 
 
 def test_max_batch_command_falls_back_to_the_estimate():
@@ -475,12 +519,25 @@ def test_the_run_probe_builds_the_runs_training_step(layout):
     """max-batch's probe takes the run's settings: a tiny recipe with activation checkpointing
     and the full loss, wrapped in DDP (its gradient buckets) or sharded with FSDP, runs real
     optimizer steps at two sizes with the same model and optimizer (AdamW's state persists)."""
-    overrides = ["model=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-                 "model.block_size=64", "runtime.cpu=true", "runtime.compile=false",
-                 "runtime.activation_checkpointing=true", "runtime.loss_impl=full",
-                 f"runtime.fsdp={str(layout == 'fsdp').lower()}"]  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", PROBE_CODE, json.dumps(overrides), layout],
-                          cwd=REPO, env=process_env(), capture_output=True, text=True)  # fmt: skip
+    overrides = [
+        "model=tiny",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=64",
+        "runtime.cpu=true",
+        "runtime.compile=false",
+        "runtime.activation_checkpointing=true",
+        "runtime.loss_impl=full",
+        f"runtime.fsdp={str(layout == 'fsdp').lower()}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE_CODE, json.dumps(overrides), layout],
+        cwd=REPO,
+        env=process_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["fits"] == [True, True]

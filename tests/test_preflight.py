@@ -14,8 +14,9 @@ GPU_ONLY = ("bf16", "attention", "step", "optimizers", "nccl", "recipe")
 
 
 def test_preflight_on_a_cpu_runs_what_applies_and_names_the_rest(tmp_path):
-    done = run_module("preflight", "--write-mib", "8", "--experiment", "gpt2_124m_10bt",
-                      cwd=tmp_path, timeout=300)  # fmt: skip
+    done = run_module(
+        "preflight", "--write-mib", "8", "--experiment", "gpt2_124m_10bt", cwd=tmp_path, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr == ""
     lines = done.stdout.splitlines()
@@ -42,7 +43,8 @@ def test_preflight_refuses_an_unknown_recipe_in_one_line(tmp_path):
 def test_synthetic_shards_train_like_prepared_ones(tmp_path):
     folder = synthetic_shards(tmp_path / "shards", train_tokens=20_000, val_tokens=5_000)
     assert open_split(folder, "train", 50257, verify_checksums=True).num_tokens == 20_000
-    cfg = train_config(tiny_run(folder, tmp_path / "runs", "run", "trainer.max_steps=2",
-                                "eval.tokens=2048"))  # fmt: skip
+    cfg = train_config(
+        tiny_run(folder, tmp_path / "runs", "run", "trainer.max_steps=2", "eval.tokens=2048")
+    )
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["val_loss"] > 10  # random tokens: ~ln(50257)

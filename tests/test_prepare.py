@@ -212,8 +212,13 @@ def test_hub_source_from_a_dataset_folder(fineweb_sample: Path, tmp_path: Path):
             p.read_bytes() for p in sorted(reference.glob("*.bin"))
         ]
     with pytest.raises(ConfigError, match=r"no column 'body'; its columns are \['text', 'id'\]"):
-        run("body", source_kind="hub", source_dataset=str(fineweb),
-            source_config_name="sample-10BT", source_text_column="body")  # fmt: skip
+        run(
+            "body",
+            source_kind="hub",
+            source_dataset=str(fineweb),
+            source_config_name="sample-10BT",
+            source_text_column="body",
+        )
 
 
 def test_damaged_row_group_names_the_file(fineweb_sample: Path, tmp_path: Path):

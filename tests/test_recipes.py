@@ -31,19 +31,37 @@ MUON = ["optim=muon", "optim.muon_lr=0.02", "optim.max_lr=1e-2", "optim.min_lr=1
 def muon_run(shard_dir: Path, runs_dir: Path, run_name: str = "run", *more: str) -> list[str]:
     """The tiny test run with Muon: 6 steps of 2 micro-batches, checkpoints every 2."""
     return tiny_run(
-        shard_dir, runs_dir, run_name, *MUON, "trainer.max_steps=6", "eval.interval=2",
-        "eval.tokens=1024", "checkpoint.interval=2", "checkpoint.keep_last=10",
-        "trainer.seed=3", *more,
-    )  # fmt: skip
+        shard_dir,
+        runs_dir,
+        run_name,
+        *MUON,
+        "trainer.max_steps=6",
+        "eval.interval=2",
+        "eval.tokens=1024",
+        "checkpoint.interval=2",
+        "checkpoint.keep_last=10",
+        "trainer.seed=3",
+        *more,
+    )
 
 
 def wsd_run(shard_dir: Path, runs_dir: Path, max_steps: int, *more: str) -> list[str]:
     """A WSD run of max_steps steps: 2 warm-up steps, the last 20% decaying."""
     return tiny_run(
-        shard_dir, runs_dir, "wsd", *MUON, "optim.schedule=wsd", "optim.decay_fraction=0.2",
-        f"trainer.max_steps={max_steps}", "eval.interval=4", "eval.tokens=1024",
-        "checkpoint.interval=0", "checkpoint.keep_last=1", "trainer.seed=9", *more,
-    )  # fmt: skip
+        shard_dir,
+        runs_dir,
+        "wsd",
+        *MUON,
+        "optim.schedule=wsd",
+        "optim.decay_fraction=0.2",
+        f"trainer.max_steps={max_steps}",
+        "eval.interval=4",
+        "eval.tokens=1024",
+        "checkpoint.interval=0",
+        "checkpoint.keep_last=1",
+        "trainer.seed=9",
+        *more,
+    )
 
 
 def command(args: list[str]) -> list[str]:
@@ -61,8 +79,9 @@ def assert_identical(a: Path, b: Path) -> None:
 def muon_reference(sample_shards, tmp_path_factory) -> Path:
     """The uninterrupted Muon run, in its own process."""
     runs = tmp_path_factory.mktemp("muon")
-    subprocess.run(command(muon_run(sample_shards, runs)), cwd=REPO, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        command(muon_run(sample_shards, runs)), cwd=REPO, check=True, capture_output=True
+    )
     return runs / "run"
 
 
@@ -80,8 +99,9 @@ def test_muon_checkpoints_hold_both_optimizers(muon_reference):
 @pytest.mark.parametrize(
     "fault", [pytest.param(f, marks=pytest.mark.slow) for f in ("optimizer:3", "checkpoint:4")]
 )  # AdamW's kill points are all in test_faults; Muon's resume bit for bit: test_distributed
-def test_killed_muon_run_resumes_to_the_same_weights(sample_shards, muon_reference, tmp_path,
-                                                     fault):  # fmt: skip
+def test_killed_muon_run_resumes_to_the_same_weights(
+    sample_shards, muon_reference, tmp_path, fault
+):
     args = muon_run(sample_shards, tmp_path)
     env = {**os.environ, "PIPELINE_FAULT": fault}
     killed = subprocess.run(command(args), cwd=REPO, env=env, capture_output=True)
@@ -99,8 +119,9 @@ def test_non_finite_muon_step_is_skipped(sample_shards, tmp_path, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)
     saved = [optimizer_state(ckpt / f"step_000000{s}") for s in (2, 3)]
     name = "transformer.h.0.mlp.c_fc.weight"  # no momentum from the skipped step either
-    assert torch.equal(saved[0]["state"][name]["momentum_buffer"],
-                       saved[1]["state"][name]["momentum_buffer"])  # fmt: skip
+    assert torch.equal(
+        saved[0]["state"][name]["momentum_buffer"], saved[1]["state"][name]["momentum_buffer"]
+    )
 
 
 def test_a_muon_checkpoint_exports_as_gpt2(muon_reference, tmp_path):
@@ -136,8 +157,9 @@ def wsd_long(sample_shards, tmp_path_factory) -> Path:
     return runs / "wsd"
 
 
-def test_extended_wsd_run_equals_a_fresh_run_of_the_larger_budget(sample_shards, wsd_long,
-                                                                  tmp_path, capsys):  # fmt: skip
+def test_extended_wsd_run_equals_a_fresh_run_of_the_larger_budget(
+    sample_shards, wsd_long, tmp_path, capsys
+):
     short = wsd_run(sample_shards, tmp_path, 10)  # decay from step 8
     train(train_config(short))
     run_dir = tmp_path / "wsd"
@@ -170,14 +192,21 @@ def test_wsd_extension_from_a_decay_checkpoint_is_refused(sample_shards, wsd_lon
 
 
 def test_a_longer_cosine_run_is_refused_with_the_reason(sample_shards, tmp_path):
-    args = tiny_run(sample_shards, tmp_path, "cos", "trainer.max_steps=3",
-                    "eval.tokens=0", "checkpoint.interval=0")  # fmt: skip
+    args = tiny_run(
+        sample_shards,
+        tmp_path,
+        "cos",
+        "trainer.max_steps=3",
+        "eval.tokens=0",
+        "checkpoint.interval=0",
+    )
     train(train_config(args))
     with pytest.raises(ConfigError, match="cosine schedule") as e:
         train(train_config([*args, "trainer.max_steps=6"]))
     assert "optim.schedule=wsd" in str(e.value) and "trainer.run_name" in str(e.value)
-    done = subprocess.run(command([*args, "trainer.max_steps=6"]), cwd=REPO, capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        command([*args, "trainer.max_steps=6"]), cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 2 and "cosine schedule" in done.stderr
 
 
@@ -196,8 +225,9 @@ def test_a_longer_cosine_run_is_refused_with_the_reason(sample_shards, tmp_path)
         ("runtime.loss_impl=liger", "needs a CUDA device and liger-kernel"),
     ],
 )
-def test_impossible_schedules_and_optimizers_fail_before_any_step(sample_shards, tmp_path,
-                                                                 override, message):  # fmt: skip
+def test_impossible_schedules_and_optimizers_fail_before_any_step(
+    sample_shards, tmp_path, override, message
+):
     with pytest.raises(ConfigError, match=message):
         train(train_config([*wsd_run(sample_shards, tmp_path, 10), override]))
     assert not (tmp_path / "wsd").exists()

@@ -34,8 +34,10 @@ def test_truncate_drops_the_steps_to_redo_and_the_cut_off_line(run_dir):
     truncate(run_dir, 3)
     assert (run_dir / METRICS).read_text().endswith("\n")
     assert [(r["kind"], r["step"]) for r in read_records(run_dir)] == [
-        ("train", 1), ("skip", 2), ("val", 2)
-    ]  # fmt: skip
+        ("train", 1),
+        ("skip", 2),
+        ("val", 2),
+    ]
     truncate(run_dir / "missing", 1)  # nothing to truncate
     assert not (run_dir / "missing").exists()
 

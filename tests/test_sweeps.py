@@ -26,13 +26,23 @@ from pipeline.training.sweep import hold_slot, slot_env, slot_locks, sweep_exit_
 
 def small(shard_dir: Path, runs_dir: Path, run_name: str) -> list[str]:
     return [
-        "experiment=demo", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-        "model.block_size=64", f"data.shard_dir={shard_dir}", f"trainer.runs_dir={runs_dir}",
-        f"trainer.run_name={run_name}", "trainer.tokens_per_step=512",
-        "trainer.micro_batch_size=8", "trainer.max_steps=3", "eval.interval=3",
-        "eval.tokens=1024", "checkpoint.interval=3", "eval.sample_tokens=4",
+        "experiment=demo",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=64",
+        f"data.shard_dir={shard_dir}",
+        f"trainer.runs_dir={runs_dir}",
+        f"trainer.run_name={run_name}",
+        "trainer.tokens_per_step=512",
+        "trainer.micro_batch_size=8",
+        "trainer.max_steps=3",
+        "eval.interval=3",
+        "eval.tokens=1024",
+        "checkpoint.interval=3",
+        "eval.sample_tokens=4",
         "optim.warmup_steps=1",
-    ]  # fmt: skip
+    ]
 
 
 def train_cli(args: list[str]) -> str:
@@ -124,14 +134,34 @@ def test_plot_draws_every_run_of_a_sweep(grid, tmp_path):
 # ------------------------------------------------------------------- jobs side by side (JOBS)
 
 
-def make_sweep(args: list[str], *make_vars: str, env: dict[str, str] | None = None,
-               sweep: str = "lr_grid", **popen) -> subprocess.Popen:  # fmt: skip
+def make_sweep(
+    args: list[str],
+    *make_vars: str,
+    env: dict[str, str] | None = None,
+    sweep: str = "lr_grid",
+    **popen,
+) -> subprocess.Popen:
     """`make sweep SWEEP=<sweep> ...` with this interpreter, its setup taken as done (-o)."""
-    command = ["make", "-s", "-o", ".venv/.installed", "sweep", f"PYTHON={sys.executable}",
-               f"SWEEP={sweep}", *make_vars, "ARGS=" + " ".join(args)]  # fmt: skip
-    return subprocess.Popen(command, cwd=REPO, env=process_env(**(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)  # fmt: skip
+    command = [
+        "make",
+        "-s",
+        "-o",
+        ".venv/.installed",
+        "sweep",
+        f"PYTHON={sys.executable}",
+        f"SWEEP={sweep}",
+        *make_vars,
+        "ARGS=" + " ".join(args),
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=process_env(**(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 @pytest.mark.slow
@@ -149,8 +179,11 @@ def test_jobs_side_by_side_give_each_job_the_result_it_has_alone(sample_shards, 
         alone = records(grid[0] / job, "val")[-1]["loss"]
         assert records(sweep / job, "val")[-1]["loss"] == pytest.approx(alone, rel=1e-5)
         log = (sweep / job / "train.log").read_text()
-        assert "run summary" in log and f"trainer.run_name=lrs/{job}" in (
-            sweep / job / ".hydra" / "overrides.yaml").read_text()  # fmt: skip
+        assert (
+            "run summary" in log
+            and f"trainer.run_name=lrs/{job}"
+            in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        )
     starts = [out.index(f"job {j} started") for j in "012"]
     assert out.index("job 1 started") < out.index("job 0 ended")  # two at a time
     assert max(starts) > min(out.index(f"job {j} ended") for j in "01")  # not three
@@ -165,8 +198,7 @@ def test_a_killed_sweep_run_again_continues_it(sample_shards, tmp_path):
     args = [a for a in small(sample_shards, tmp_path, "lrs") if a.split("=")[0] not in longer]
     args += [f"{k}={v}" for k, v in longer.items()]
     sweep = tmp_path / "lrs"
-    process = make_sweep(args, "JOBS=1", env={"PIPELINE_FAULT": "stall:4"},
-                         start_new_session=True)  # fmt: skip
+    process = make_sweep(args, "JOBS=1", env={"PIPELINE_FAULT": "stall:4"}, start_new_session=True)
     step3 = sweep / "1" / "checkpoints" / "step_0000003" / "state.json"
     wait_until(process, step3.is_file, 240)
     os.killpg(process.pid, signal.SIGKILL)  # job 1's checkpoint 4 is still being written
@@ -181,8 +213,10 @@ def test_a_killed_sweep_run_again_continues_it(sample_shards, tmp_path):
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out[-3000:]
     assert "run already complete: 6 of 6 steps done" in (sweep / "0" / "train.log").read_text()
-    assert f"resuming from {sweep / '1' / 'checkpoints' / 'step_0000003'}" in (
-        sweep / "1" / "train.log").read_text()  # fmt: skip
+    assert (
+        f"resuming from {sweep / '1' / 'checkpoints' / 'step_0000003'}"
+        in (sweep / "1" / "train.log").read_text()
+    )
     for job in "012":
         assert [p.name for p in list_checkpoints(sweep / job)][-1] == "step_0000006"
     assert records(sweep / "0", "val")[-1]["loss"] == loss0
@@ -228,13 +262,20 @@ def test_a_stopped_sweep_checkpoints_its_jobs_and_exits_75(sample_shards, tmp_pa
     """SIGTERM to the sweep's own process (to=sweep) or to every process of it (to=group, as a
     scheduler sends it) while two jobs train side by side and a third waits: both training runs
     checkpoint and stop (exit 75), the third never starts, and the sweep exits 75."""
-    long = [a for a in small(sample_shards, tmp_path, "lrs") if not a.startswith(
-        ("trainer.max_steps=", "eval.interval=", "checkpoint.interval="))] + [
-        "trainer.max_steps=400", "eval.interval=400", "checkpoint.interval=400"]  # fmt: skip
-    process = subprocess.Popen(command("train", *long, "sweep=lr_grid", "hydra/launcher=parallel",
-                                       "launch.jobs=2"), cwd=REPO, env=process_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
+    long = [
+        a
+        for a in small(sample_shards, tmp_path, "lrs")
+        if not a.startswith(("trainer.max_steps=", "eval.interval=", "checkpoint.interval="))
+    ] + ["trainer.max_steps=400", "eval.interval=400", "checkpoint.interval=400"]
+    process = subprocess.Popen(
+        command("train", *long, "sweep=lr_grid", "hydra/launcher=parallel", "launch.jobs=2"),
+        cwd=REPO,
+        env=process_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     metrics = [tmp_path / "lrs" / j / "metrics.jsonl" for j in "01"]
     trained = lambda m: m.exists() and '"kind": "train"' in m.read_text()  # noqa: E731
     wait_until(process, lambda: all(map(trained, metrics)), 240)
@@ -311,8 +352,9 @@ def test_a_killed_optuna_sweep_continues_its_interrupted_trial(sample_shards, tm
     args = [a for a in small(sample_shards, tmp_path, "tpe") if a.split("=")[0] not in longer]
     args += [f"{k}={v}" for k, v in longer.items()] + ["hydra.sweeper.n_trials=2"]
     sweep = tmp_path / "tpe"
-    process = make_sweep(args, "JOBS=1", env={"PIPELINE_FAULT": "stall:4"}, sweep="lr_optuna",
-                         start_new_session=True)  # fmt: skip
+    process = make_sweep(
+        args, "JOBS=1", env={"PIPELINE_FAULT": "stall:4"}, sweep="lr_optuna", start_new_session=True
+    )
     step3 = sweep / "1" / "checkpoints" / "step_0000003" / "state.json"
     wait_until(process, step3.is_file, 240)
     os.killpg(process.pid, signal.SIGKILL)
@@ -324,8 +366,10 @@ def test_a_killed_optuna_sweep_continues_its_interrupted_trial(sample_shards, tm
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out[-3000:]
     assert "job 1 started" in out and "job 0 started" not in out and "job 2" not in out
-    assert f"resuming from {sweep / '1' / 'checkpoints' / 'step_0000003'}" in (
-        sweep / "1" / "train.log").read_text()  # fmt: skip
+    assert (
+        f"resuming from {sweep / '1' / 'checkpoints' / 'step_0000003'}"
+        in (sweep / "1" / "train.log").read_text()
+    )
     assert json.loads((sweep / "1" / "job.json").read_text())["identity"] == values
     assert (sweep / "0" / "train.log").read_text() == log0
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

@@ -122,8 +122,14 @@ def test_resumed_run_continues_exactly(sample_shards, tmp_path):
 def test_profiled_steps_write_a_trace_and_train_the_same(sample_shards, tmp_path, capsys):
     plain = small_config(sample_shards, tmp_path, run_name="plain", checkpoint_interval=0)
     train(plain)
-    profiled = small_config(sample_shards, tmp_path, run_name="profiled", checkpoint_interval=0,
-                            profile_steps=2, profile_start=1)  # fmt: skip
+    profiled = small_config(
+        sample_shards,
+        tmp_path,
+        run_name="profiled",
+        checkpoint_interval=0,
+        profile_steps=2,
+        profile_start=1,
+    )
     train(profiled)
     assert records(tmp_path / "profiled", "train") == records(tmp_path / "plain", "train")
     out = tmp_path / "profiled" / "profile"
@@ -170,8 +176,11 @@ def test_resuming_with_another_seed_is_refused(sample_shards, tmp_path):
 
 
 def test_validation_set_without_a_window_is_a_config_error(sample_shards, tmp_path):
-    with pytest.raises(ConfigError, match=r"eval.tokens=10 is below one validation window of "
-                       r"block_size \+ 1 = 65 tokens"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"eval.tokens=10 is below one validation window of "
+        r"block_size \+ 1 = 65 tokens",
+    ):
         train(small_config(sample_shards, tmp_path, eval_tokens=10))
     assert not (tmp_path / "run").exists()  # found before any work
 
@@ -242,8 +251,11 @@ def test_evaluate_reports_loss_and_perplexity_of_the_checkpoint(sample_shards, t
     saved = json.loads(Path(result["path"]).read_text())
     assert saved["val_loss"] == result["val_loss"]
     assert Path(result["path"]) == run_dir / "eval" / "step_0000003.json"
-    with pytest.raises(ConfigError, match=r"eval_tokens=10 is below one validation window of "
-                       r"block_size \+ 1 = 65 tokens"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"eval_tokens=10 is below one validation window of "
+        r"block_size \+ 1 = 65 tokens",
+    ):
         evaluate(EvaluateConfig(checkpoint=str(run_dir), eval_tokens=10, sample_tokens=0))
     assert saved == json.loads(Path(result["path"]).read_text())  # the result is kept
 
@@ -293,8 +305,9 @@ def test_wandb_offline_logging_and_resume_into_the_same_run(sample_shards, tmp_p
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = small_config(sample_shards, tmp_path, max_steps=4, eval_tokens=0, checkpoint_interval=1)
-    cfg.optim = OptimConfig(max_lr=1e-2, min_lr=1e-3, warmup_steps=1, schedule="wsd",
-                            decay_fraction=0.25)  # fmt: skip
+    cfg.optim = OptimConfig(
+        max_lr=1e-2, min_lr=1e-3, warmup_steps=1, schedule="wsd", decay_fraction=0.25
+    )
     cfg.logger = LoggerConfig(kind="wandb", project="test")
     train(cfg)
     run_dir = tmp_path / "run"
@@ -310,8 +323,15 @@ def test_wandb_offline_logging_and_resume_into_the_same_run(sample_shards, tmp_p
 
 def test_hellaswag_during_training(sample_shards, shared_data, tmp_path):
     items = str(shared_data / "hellaswag/hellaswag_val_klosax.jsonl")
-    cfg = small_config(sample_shards, tmp_path, max_steps=2, eval_interval=2, eval_tokens=1024,
-                       hellaswag_items=8, hellaswag_path=items)  # fmt: skip
+    cfg = small_config(
+        sample_shards,
+        tmp_path,
+        max_steps=2,
+        eval_interval=2,
+        eval_tokens=1024,
+        hellaswag_items=8,
+        hellaswag_path=items,
+    )
     train(cfg)
     results = records(tmp_path / "run", "hellaswag")
     assert [r["step"] for r in results] == [0, 2]

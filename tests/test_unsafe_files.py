@@ -96,8 +96,11 @@ def plant_payload(checkpoint: Path, name: str, marker: Path, **save) -> Path:
 
 
 def refusal(path: Path, why: str) -> str:
-    return (f"error: {path} was refused and nothing in it was run: {why}. "
-            + THEN.format(folder=path.parent) + "\n")  # fmt: skip
+    return (
+        f"error: {path} was refused and nothing in it was run: {why}. "
+        + THEN.format(folder=path.parent)
+        + "\n"
+    )
 
 
 def assert_refused(done, path: Path, why: str, marker: Path) -> None:
@@ -125,13 +128,19 @@ def test_resume_refuses_a_planted_rng_file_and_keeps_the_run(runs, sample_shards
 @pytest.mark.parametrize(
     "name,write,why",
     [
-        (OPTIMIZER, lambda p, m: torch.save({"x": Payload(m)}, p, pickle_protocol=4),
-         "torch cannot check it before loading (Unsupported operand 149)"),
-        (RNG, lambda p, m: p.write_bytes(pickle.dumps({"x": Payload(m)})),
-         "it is not a file of torch.save, whose contents can be checked before loading"),
+        (
+            OPTIMIZER,
+            lambda p, m: torch.save({"x": Payload(m)}, p, pickle_protocol=4),
+            "torch cannot check it before loading (Unsupported operand 149)",
+        ),
+        (
+            RNG,
+            lambda p, m: p.write_bytes(pickle.dumps({"x": Payload(m)})),
+            "it is not a file of torch.save, whose contents can be checked before loading",
+        ),
     ],
     ids=["pickle protocol 4", "a plain pickle"],
-)  # fmt: skip
+)
 def test_resume_refuses_a_pickle_torch_cannot_scan(runs, tmp_path, name, write, why):
     """Pickle protocol 4 (torch.save writes 2), or a plain pickle file (not torch.save's zip
     format): torch's scan cannot read it, so it is refused rather than loaded. In process, as
@@ -260,8 +269,9 @@ def test_imported_weights_that_are_a_pickle_are_refused(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"n_layer": 1, "n_head": 1, "n_embd": 8}))
     torch.save({"x": Payload(marker)}, folder / "model.safetensors")
-    done = run_module("sample", f"pretrained={folder}", "prompt=Hi", "max_new_tokens=2",
-                      cwd=tmp_path)  # fmt: skip
+    done = run_module(
+        "sample", f"pretrained={folder}", "prompt=Hi", "max_new_tokens=2", cwd=tmp_path
+    )
     assert done.returncode == USER_ERROR and not marker.exists()
     files = f"{folder / 'config.json'} / {folder / 'model.safetensors'}"
     assert done.stderr.startswith(f"error: cannot read {files}: "), done.stderr
@@ -285,8 +295,11 @@ def test_rng_states_are_tensors_and_numbers_and_restore_the_same_draws(tmp_path)
 def old_rng_file(new: dict) -> dict:
     """The same states in the layout rng.pt had before (random.getstate() and
     np.random.get_state() tuples, the key a numpy uint32 array)."""
-    python = (new["python"]["version"], tuple(new["python"]["state"].tolist()),
-              new["python"]["gauss_next"])  # fmt: skip
+    python = (
+        new["python"]["version"],
+        tuple(new["python"]["state"].tolist()),
+        new["python"]["gauss_next"],
+    )
     numpy = (
         new["numpy"]["algorithm"],
         new["numpy"]["key"].numpy().astype(np.uint32),
@@ -384,8 +397,9 @@ def test_rng_states_of_the_wrong_kind_are_one_line(runs, sample_shards, tmp_path
     states = torch.load(step4 / RNG, weights_only=True)
     states["numpy"]["key"] = states["numpy"]["key"][:100]
     path = plant(step4, RNG, lambda p: torch.save(states, p))
-    done = run_module("train", *overrides(sample_shards, runs), f"checkpoint.resume={step4}",
-                      timeout=300)  # fmt: skip
+    done = run_module(
+        "train", *overrides(sample_shards, runs), f"checkpoint.resume={step4}", timeout=300
+    )
     assert done.returncode == USER_ERROR
     assert done.stderr == (
         f"error: {path} holds no RNG states this run can restore (ValueError: numpy key of shape "
@@ -397,14 +411,20 @@ def test_rng_states_of_the_wrong_kind_are_one_line(runs, sample_shards, tmp_path
 @pytest.mark.parametrize(
     "edit,why",
     [
-        pytest.param(lambda s: s.update(step="4"), "step is '4', not a JSON int",
-                     marks=pytest.mark.slow),  # the same check as the other two
-        pytest.param(lambda s: s["config"].update(model=[1]), "config.model is not a JSON object",
-                     marks=pytest.mark.slow),
-        (lambda s: s["files"].update({"../x": {"bytes": 1, "sha256": "0"}}),
-         "files lists '../x' without a plain name, its bytes and its sha256"),
+        pytest.param(
+            lambda s: s.update(step="4"), "step is '4', not a JSON int", marks=pytest.mark.slow
+        ),  # the same check as the other two
+        pytest.param(
+            lambda s: s["config"].update(model=[1]),
+            "config.model is not a JSON object",
+            marks=pytest.mark.slow,
+        ),
+        (
+            lambda s: s["files"].update({"../x": {"bytes": 1, "sha256": "0"}}),
+            "files lists '../x' without a plain name, its bytes and its sha256",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_state_file_of_the_wrong_types_is_one_line(runs, tmp_path, edit, why):
     step4 = checkpoint_dir(runs / "run", 4)
     state = json.loads((step4 / STATE).read_text())

@@ -36,14 +36,23 @@ def no_login(tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     config = home / ".config" / "wandb"
-    return {"HOME": str(home), "NETRC": str(home / ".netrc"), "WANDB_API_KEY": "",
-            "WANDB_CONFIG_DIR": str(config), "WANDB_MODE": "online"}  # fmt: skip
+    return {
+        "HOME": str(home),
+        "NETRC": str(home / ".netrc"),
+        "WANDB_API_KEY": "",
+        "WANDB_CONFIG_DIR": str(config),
+        "WANDB_MODE": "online",
+    }
 
 
 def test_no_api_key_is_one_line_and_exit_2_before_any_work(sample_shards, tmp_path):
     runs = tmp_path / "runs"
-    done = run_module("train", *tiny_run(sample_shards, runs, "run", *SETTINGS),
-                      env=no_login(tmp_path), timeout=120)  # fmt: skip
+    done = run_module(
+        "train",
+        *tiny_run(sample_shards, runs, "run", *SETTINGS),
+        env=no_login(tmp_path),
+        timeout=120,
+    )
     assert done.returncode == USER_ERROR, done.stderr[-2000:]
     assert done.stderr == (
         "error: invalid configuration: logger=wandb found no W&B API key: run `wandb login` (or "
@@ -61,8 +70,11 @@ def offline_runs(run_dir: Path) -> list[Path]:
 def test_an_unreachable_server_logs_offline_and_a_resume_finds_the_same_run(
     sample_shards, tmp_path
 ):
-    env = {**no_login(tmp_path), "WANDB_API_KEY": "a" * 40,
-           "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}"}  # fmt: skip
+    env = {
+        **no_login(tmp_path),
+        "WANDB_API_KEY": "a" * 40,
+        "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}",
+    }
     runs, args = tmp_path / "runs", [*SETTINGS, "logger.init_timeout=2"]
     started = time.monotonic()
     done = run_module("train", *tiny_run(sample_shards, runs, "run", *args), env=env, timeout=300)
@@ -91,17 +103,33 @@ def test_an_unreachable_server_logs_offline_and_a_resume_finds_the_same_run(
 def test_wandb_dying_mid_run_is_one_warning_and_the_run_goes_on(sample_shards, tmp_path):
     """W&B's service process (wandb-core) is killed once the run has logged a step."""
     runs = tmp_path / "runs"
-    args = tiny_run(sample_shards, runs, "run", "trainer.max_steps=40", "checkpoint.interval=0",
-                    "eval.interval=20", "eval.tokens=1024", "logger=wandb")  # fmt: skip
-    child = subprocess.Popen(command("train", *args), env=process_env(WANDB_MODE="offline"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = tiny_run(
+        sample_shards,
+        runs,
+        "run",
+        "trainer.max_steps=40",
+        "checkpoint.interval=0",
+        "eval.interval=20",
+        "eval.tokens=1024",
+        "logger=wandb",
+    )
+    child = subprocess.Popen(
+        command("train", *args),
+        env=process_env(WANDB_MODE="offline"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = runs / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and '"train"' in metrics.read_text()):
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()
         time.sleep(0.05)
-    killed = [p.kill() or p.name() for p in psutil.Process(child.pid).children(recursive=True)
-              if p.name() == "wandb-core"]  # fmt: skip
+    killed = [
+        p.kill() or p.name()
+        for p in psutil.Process(child.pid).children(recursive=True)
+        if p.name() == "wandb-core"
+    ]
     out, err = child.communicate(timeout=300)
     assert killed == ["wandb-core"]
     assert child.returncode == 0, err[-3000:]

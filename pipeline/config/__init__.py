@@ -43,12 +43,32 @@ from pipeline.config.train import (
 from pipeline.errors import ConfigError
 
 __all__ = [
-    "COMPILE_MODES", "DECAY_SHAPES", "MUON_LR_ADJUSTMENTS", "OPTIMIZERS", "PRECISIONS", "RENAMED",
-    "SCHEDULES", "CheckpointConfig", "DataConfig", "EvalConfig", "EvaluateConfig", "LoggerConfig",
-    "OptimConfig", "PrepareConfig", "ProfileConfig", "RuntimeConfig", "SampleConfig",
-    "SourceConfig", "TrainConfig", "TrainerConfig", "as_dict", "budget_steps", "conf_dir",
-    "register_configs", "to_dataclass",
-]  # fmt: skip
+    "COMPILE_MODES",
+    "DECAY_SHAPES",
+    "MUON_LR_ADJUSTMENTS",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "RENAMED",
+    "SCHEDULES",
+    "CheckpointConfig",
+    "DataConfig",
+    "EvalConfig",
+    "EvaluateConfig",
+    "LoggerConfig",
+    "OptimConfig",
+    "PrepareConfig",
+    "ProfileConfig",
+    "RuntimeConfig",
+    "SampleConfig",
+    "SourceConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "as_dict",
+    "budget_steps",
+    "conf_dir",
+    "register_configs",
+    "to_dataclass",
+]
 
 
 def register_configs() -> None:

@@ -36,8 +36,16 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pipeline.config import RENAMED, TrainConfig, conf_dir, register_configs, to_dataclass
 from pipeline.errors import ConfigError
 
-SKIPPED_FLAGS = ("help", "hydra_help", "info", "shell_completion", "config_path", "config_name",
-                 "config_dir", "experimental_rerun")  # fmt: skip
+SKIPPED_FLAGS = (
+    "help",
+    "hydra_help",
+    "info",
+    "shell_completion",
+    "config_path",
+    "config_name",
+    "config_dir",
+    "experimental_rerun",
+)
 """Hydra flags that change what is composed, or compose nothing: left to Hydra."""
 
 TYPE_WORDS = {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false",
@@ -128,13 +136,16 @@ def _option_problems(loader, o: Override) -> list[str]:
     out = []
     for value in _values(o):
         if value is None and not o.is_delete():
-            out.append(f"{o.key_or_group}=null: choose one of {', '.join(options)} (~"
-                       f"{o.key_or_group} removes an optional group)")  # fmt: skip
+            out.append(
+                f"{o.key_or_group}=null: choose one of {', '.join(options)} (~"
+                f"{o.key_or_group} removes an optional group)"
+            )
             continue
         for name in value if isinstance(value, list) else [value]:
             if name is not None and str(name) not in options:
-                out.append(f"{o.key_or_group}={name}: no such option; choose one of "
-                           f"{', '.join(options)}")  # fmt: skip
+                out.append(
+                    f"{o.key_or_group}={name}: no such option; choose one of {', '.join(options)}"
+                )
     return out
 
 
@@ -167,12 +178,18 @@ def _value_problems(cfg: DictConfig, o: Override, multirun: bool) -> list[str]:
         return [] if exists else [f"{shown}: {_unknown(cfg, key)}"]
     if not exists and (not (o.is_add() or o.is_force_add()) or _typed_parent(cfg, key)):
         return [_unknown(cfg, key)]
-    if exists and o.is_add() and OmegaConf.select(cfg, key, throw_on_missing=False) is not None \
-            and not isinstance(o.value(), (dict, list)):  # Hydra's rule for appending  # fmt: skip
+    if (
+        exists
+        and o.is_add()
+        and OmegaConf.select(cfg, key, throw_on_missing=False) is not None
+        and not isinstance(o.value(), (dict, list))
+    ):  # Hydra's rule for appending
         return [f"{shown}: {key} exists already: write {shown[1:]} (without +)"]
     if o.is_sweep_override() and not multirun:
-        return [f"{shown}: several values are a sweep: add -m to run one job per value, or "
-                f"write one value (a list is key=[a,b])"]  # fmt: skip
+        return [
+            f"{shown}: several values are a sweep: add -m to run one job per value, or "
+            f"write one value (a list is key=[a,b])"
+        ]
     out = []
     for value in _values(o):
         try:

@@ -25,8 +25,10 @@ class LaunchConfig:
 
     def problems(self) -> list[str]:
         if (self.jobs is not None and self.jobs < 1) or self.gpus_per_job < 1:
-            return [f"launch.jobs={self.jobs} and launch.gpus_per_job={self.gpus_per_job} "
-                    "must be >= 1 (JOBS, GPUS_PER_JOB)"]  # fmt: skip
+            return [
+                f"launch.jobs={self.jobs} and launch.gpus_per_job={self.gpus_per_job} "
+                "must be >= 1 (JOBS, GPUS_PER_JOB)"
+            ]
         if self.time_min < 1:
             return [f"launch.time_min={self.time_min} must be >= 1 minute (TIME_MIN)"]
         return []

@@ -140,8 +140,10 @@ class OptimConfig:
             if not 0 <= self.muon_momentum < 1:
                 out.append(f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
             if not 1 <= self.muon_ns_steps < 100:
-                out.append(f"optim.muon_ns_steps={self.muon_ns_steps} must be in [1, 100): 5 is "
-                           "the default, 3 a cheaper one")  # fmt: skip
+                out.append(
+                    f"optim.muon_ns_steps={self.muon_ns_steps} must be in [1, 100): 5 is "
+                    "the default, 3 a cheaper one"
+                )
             if self.muon_adjust_lr not in MUON_LR_ADJUSTMENTS:
                 out.append(
                     f"optim.muon_adjust_lr={self.muon_adjust_lr!r} is unknown: use "
@@ -228,11 +230,12 @@ def mirror_problem(url: str) -> str | None:
     try:
         fsspec.core.url_to_fs(url)
     except ImportError as e:  # e.g. s3:// without s3fs
-        return (f"{' '.join(str(e).split())[:200]} (pip install s3fs for s3://, gcsfs for "
-                "gs://)")  # fmt: skip
+        return f"{' '.join(str(e).split())[:200]} (pip install s3fs for s3://, gcsfs for gs://)"
     except (ValueError, TypeError) as e:
-        return (f"not a URL fsspec can open ({e}); use a folder, s3://bucket/prefix, "
-                "gs://bucket/prefix or hf://models/<repo_id>")  # fmt: skip
+        return (
+            f"not a URL fsspec can open ({e}); use a folder, s3://bucket/prefix, "
+            "gs://bucket/prefix or hf://models/<repo_id>"
+        )
     except Exception as e:  # noqa: BLE001 - a file system's own check (e.g. its credentials)
         return f"cannot be opened ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
     return None
@@ -382,8 +385,10 @@ class LoggerConfig:
     def problems(self) -> list[str]:
         out = []
         if self.init_timeout <= 0 or self.finish_timeout < 0:
-            out.append(f"logger.init_timeout={self.init_timeout} must be > 0 and "
-                       f"logger.finish_timeout={self.finish_timeout} >= 0 (seconds)")  # fmt: skip
+            out.append(
+                f"logger.init_timeout={self.init_timeout} must be > 0 and "
+                f"logger.finish_timeout={self.finish_timeout} >= 0 (seconds)"
+            )
         if self.kind not in ("none", "wandb"):
             out.append(f"logger.kind={self.kind!r} is unknown: use none or wandb")
         if self.mode not in (None, "online", "offline", "disabled"):

@@ -57,12 +57,15 @@ class TrainLoader:
         self.samples_per_epoch = int(self.samples_per_shard.sum())
         if self.samples_per_epoch == 0:
             longest = max((len(s) for s in self.shards), default=0)
-            raise ConfigError([
-                f"the longest {split.name} shard holds {longest:,} tokens, fewer than one "
-                f"window of block_size + 1 = {block_size + 1:,} tokens (a window never spans "
-                f"two shards; {len(self.shards)} shard(s), {split.num_tokens:,} tokens in all): "
-                f"prepare again with shard_size >= {block_size + 1:,}, or lower block_size"
-            ])  # fmt: skip
+            raise ConfigError(
+                [
+                    f"the longest {split.name} shard holds {longest:,} tokens, fewer than one "
+                    f"window of block_size + 1 = {block_size + 1:,} tokens (a window never spans "
+                    f"two shards; {len(self.shards)} shard(s), {split.num_tokens:,} tokens in "
+                    "all): "
+                    f"prepare again with shard_size >= {block_size + 1:,}, or lower block_size"
+                ]
+            )
         self.position = 0
         self._ahead: tuple[int, tuple | ShardError] | None = None  # prefetch(): position, batch
         self._epoch_order: tuple[int, np.ndarray, np.ndarray] | None = None  # epoch, order, ends
@@ -178,10 +181,12 @@ class ValidationWindows:
         total = split.num_tokens if eval_tokens is None else min(eval_tokens, split.num_tokens)
         self.num_windows = max(0, (total - 1) // block_size)
         if self.num_windows == 0:
-            raise ConfigError([
-                f"validation split of {split.num_tokens} tokens (eval_tokens={eval_tokens}) "
-                f"holds no window of {block_size + 1} tokens: raise eval_tokens or val_tokens"
-            ])  # fmt: skip
+            raise ConfigError(
+                [
+                    f"validation split of {split.num_tokens} tokens (eval_tokens={eval_tokens}) "
+                    f"holds no window of {block_size + 1} tokens: raise eval_tokens or val_tokens"
+                ]
+            )
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard
 
     @property

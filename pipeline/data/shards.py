@@ -319,8 +319,9 @@ def _check_listing(shard_dir: Path, manifest: dict) -> None:
     listed = set(listed_shards(manifest))
     prefix = re.escape(str(manifest.get("name", "")))
     pattern = re.compile(rf"{prefix}_({'|'.join(SPLITS)})_\d{{6,}}\.bin")
-    unlisted = sorted(p.name for p in shard_dir.iterdir()
-                      if pattern.fullmatch(p.name) and p.name not in listed)  # fmt: skip
+    unlisted = sorted(
+        p.name for p in shard_dir.iterdir() if pattern.fullmatch(p.name) and p.name not in listed
+    )
     if unlisted:
         raise ShardError(
             f"{shard_dir / unlisted[0]}: a shard file that {MANIFEST} does not list"

@@ -44,8 +44,9 @@ def load_for_eval(checkpoint: str | None = None, pretrained: str | None = None) 
         gpt, ckpt, state = load_model(checkpoint)
         eval_dir = ckpt.parent.parent / "eval"
         step, tokens = state["step"], state["tokens_seen"]
-        return Loaded(gpt, ckpt.name, str(ckpt), eval_dir, step, tokens, state["config"],
-                      state.get("data"))  # fmt: skip
+        return Loaded(
+            gpt, ckpt.name, str(ckpt), eval_dir, step, tokens, state["config"], state.get("data")
+        )
     if pretrained is None:
         raise ValueError("pass a checkpoint or pretrained weights")
     folder = Path(pretrained)

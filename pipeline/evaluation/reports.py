@@ -133,8 +133,16 @@ def lm_eval_rows(record: dict) -> list[tuple[str, ...]]:
         if entry.get("of") not in (None, entry.get("samples")):
             samples += f" of {entry['of']:,}"
         for metric, m in entry["metrics"].items():
-            rows.append((task, metric, _fmt(m["value"], ".4f"), _fmt(m.get("stderr"), ".4f"),
-                         _fmt(entry.get("num_fewshot"), "d"), samples))  # fmt: skip
+            rows.append(
+                (
+                    task,
+                    metric,
+                    _fmt(m["value"], ".4f"),
+                    _fmt(m.get("stderr"), ".4f"),
+                    _fmt(entry.get("num_fewshot"), "d"),
+                    samples,
+                )
+            )
     return rows
 
 

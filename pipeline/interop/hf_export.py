@@ -113,8 +113,12 @@ def write_all(out: Path, writers: dict[str, Writer]) -> None:
             for name, write in writers.items():
                 write(stack.enter_context(atomic_path(out / name)))
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors: its own error class
-        raise write_failed(out, e, f"no partial file is left and {out} holds what it held "
-                           "before: free disk space and run the export again") from e  # fmt: skip
+        raise write_failed(
+            out,
+            e,
+            f"no partial file is left and {out} holds what it held "
+            "before: free disk space and run the export again",
+        ) from e
 
 
 def export_hf(
@@ -146,8 +150,11 @@ def export_hf(
 
 
 def _export_source(checkpoint: Path, state: dict) -> dict:
-    return {"checkpoint": str(checkpoint.resolve()), "step": state.get("step"),
-            "model_sha256": weights_sha256(state)}  # fmt: skip
+    return {
+        "checkpoint": str(checkpoint.resolve()),
+        "step": state.get("step"),
+        "model_sha256": weights_sha256(state),
+    }
 
 
 def _reusable(out: Path, source: dict) -> bool:
@@ -157,8 +164,11 @@ def _reusable(out: Path, source: dict) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     names = (CONFIG, WEIGHTS, TOKENIZER_CONFIG, SPECIAL_TOKENS, *TOKENIZER_FILES)
-    return (source["model_sha256"] is not None and recorded == source
-            and all((out / n).is_file() for n in names))  # fmt: skip
+    return (
+        source["model_sha256"] is not None
+        and recorded == source
+        and all((out / n).is_file() for n in names)
+    )
 
 
 def export_cached(checkpoint: str | os.PathLike) -> tuple[Path, Path, dict]:
@@ -185,8 +195,9 @@ def export_cached(checkpoint: str | os.PathLike) -> tuple[Path, Path, dict]:
     except OutputError:  # write_all's, already saying what failed
         raise
     except OSError as e:  # the rename into place; the partial folder is gone
-        raise write_failed(out, e, "no partial export is left: free disk space and run the "
-                           "same command again") from e  # fmt: skip
+        raise write_failed(
+            out, e, "no partial export is left: free disk space and run the same command again"
+        ) from e
     print(f"exported {ckpt} to {out}")
     return out, ckpt, state
 
@@ -218,7 +229,7 @@ def push_hf(
                 SPECIAL_TOKENS,
                 "README.md",
                 *TOKENIZER_FILES,
-            ],  # fmt: skip
+            ],
             commit_message=f"GPT-2 weights from {folder.name}",
         )
     return str(getattr(info, "commit_url", info))

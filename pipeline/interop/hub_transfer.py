@@ -132,8 +132,12 @@ def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step
     its step, no file that names code to run); `final` appears complete or not at all. Raises
     HubError for an incomplete download or another step, UnsafeFileError for such a file."""
     try:
-        install(staged, final, step, "it was not installed and the download was deleted: "
-                                     "pull from a repo you trust")  # fmt: skip
+        install(
+            staged,
+            final,
+            step,
+            "it was not installed and the download was deleted: pull from a repo you trust",
+        )
     except UnsafeFileError:
         raise
     except CheckpointError as e:

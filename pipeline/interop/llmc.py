@@ -89,8 +89,16 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 def llmc_header(cfg: ModelConfig) -> np.ndarray:
     """The 256 little-endian int32 of the header (see the module docstring)."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:8] = (MAGIC, VERSION_FP32, cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head,
-                  cfg.n_embd, padded_vocab_size(cfg.vocab_size))  # fmt: skip
+    header[:8] = (
+        MAGIC,
+        VERSION_FP32,
+        cfg.block_size,
+        cfg.vocab_size,
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        padded_vocab_size(cfg.vocab_size),
+    )
     return header
 
 
@@ -113,8 +121,10 @@ def llmc_tensors(
         return (t if t.is_meta else t.cpu()).float()
 
     pad = torch.zeros(padded_vocab_size(V) - V, C, device=wte.device)
-    out = [("wte", [torch.cat([get("transformer.wte.weight")[:V], pad])]),  # (Vp, C)
-           ("wpe", [get("transformer.wpe.weight")])]  # fmt: skip
+    out = [
+        ("wte", [torch.cat([get("transformer.wte.weight")[:V], pad])]),  # (Vp, C)
+        ("wpe", [get("transformer.wpe.weight")]),
+    ]
     for name, ours in LAYER_TENSORS:
         out.append((name, [get(f"transformer.h.{n}.{ours}") for n in range(cfg.n_layer)]))
     out += [("lnfw", [get("transformer.ln_f.weight")]), ("lnfb", [get("transformer.ln_f.bias")])]

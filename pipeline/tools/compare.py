@@ -25,10 +25,10 @@ the best setting of each optimizer (--png), and a section of BENCHMARKS.md (--ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,9 +42,10 @@ import yaml
 from pipeline.config import TrainConfig
 from pipeline.errors import ArgumentParser
 from pipeline.files import write_text_atomic
-from pipeline.tools.bench.host import REPO, describe_device, load_average, versions
-from pipeline.tools.bench.render import merge_benchmarks, table
-from pipeline.tools.plot import Curves, plot_runs, read_curves
+from pipeline.tools.host import describe_device, load_average
+from pipeline.tools.plot import Curves, output_path, plot_runs, read_curves
+from pipeline.tools.process import run_timed
+from pipeline.tools.render import RunInfo, merge_benchmarks, render_section, table
 from pipeline.training.optim import Optimizers, build_optimizer
 from pipeline.training.runlog import read_records
 
@@ -113,12 +114,7 @@ def train_command(overrides: list[str]) -> list[str]:
 def run(cmd: list[str], log: Path) -> None:
     """Run cmd from the repository, its output appended to log. Raises RuntimeError with the
     log's end when it fails."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); {log}:\n{tail}")
+    run_timed(cmd, log=log).check(f"{' '.join(cmd)} (log: {log})")
 
 
 def read_job(run_dir: Path) -> Job:
@@ -131,8 +127,15 @@ def read_job(run_dir: Path) -> Job:
     if not curves.val or curves.val[-1][0] != end:
         raise RuntimeError(f"{run_dir} did not finish: no validation loss at {end:,} tokens")
     muon = optim["name"] == "muon"
-    return Job(run_dir, optim["name"], optim["max_lr"], optim["muon_lr"] if muon else None,
-               trainer["seed"], curves.val[-1][1], curves)  # fmt: skip
+    return Job(
+        run_dir,
+        optim["name"],
+        optim["max_lr"],
+        optim["muon_lr"] if muon else None,
+        trainer["seed"],
+        curves.val[-1][1],
+        curves,
+    )
 
 
 def group(jobs: list[Job]) -> list[Setting]:
@@ -221,8 +224,9 @@ def train_split_qkv(run_dir: Path, overrides: list[str]) -> Path:
         composed = compose("train", overrides=["experiment=compare_tiny", *overrides, *where])
     cfg: TrainConfig = to_dataclass(composed)
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-        {"optim": vars(cfg.optim), "trainer": vars(cfg.trainer)}))  # fmt: skip
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"optim": vars(cfg.optim), "trainer": vars(cfg.trainer)})
+    )
     with (
         mock.patch.object(stage, "build_optimizer", split_qkv_optimizer),
         mock.patch.object(stage.Run, "save", lambda self: None),
@@ -240,11 +244,22 @@ def step_times(
     """step_time_s of `steps` steps after `warmup` left out, in a fresh training process
     without validation, samples or intermediate checkpoints."""
     name = f"time_{setting.jobs[0].optim}_{len(list(work.glob('time_*')))}"
-    run(train_command([*setting.overrides(), *extra, f"trainer.runs_dir={work}",
-                       f"trainer.run_name={name}", f"trainer.max_steps={warmup + steps}",
-                       "eval.tokens=0", "trainer.log_interval=1",
-                       "optim.warmup_steps=1", "checkpoint.resume=never"]),
-        work / f"{name}.log")  # fmt: skip
+    run(
+        train_command(
+            [
+                *setting.overrides(),
+                *extra,
+                f"trainer.runs_dir={work}",
+                f"trainer.run_name={name}",
+                f"trainer.max_steps={warmup + steps}",
+                "eval.tokens=0",
+                "trainer.log_interval=1",
+                "optim.warmup_steps=1",
+                "checkpoint.resume=never",
+            ]
+        ),
+        work / f"{name}.log",
+    )
     return [r["step_time_s"] for r in read_records(work / name, "train")][warmup:]
 
 
@@ -270,9 +285,13 @@ def _row(s: Setting, seeds: list[int], chosen: Setting) -> list[str]:
     j = s.jobs[0]
     by_seed = {job.seed: f"{job.val_loss:.4f}" for job in s.jobs}
     mean = f"{s.mean:.4f}"
-    return [j.optim, f"{j.max_lr:g}", f"{j.muon_lr:g}" if j.muon_lr else "—",
-            *(by_seed.get(seed, "—") for seed in seeds),
-            f"**{mean}**" if s is chosen else mean]  # fmt: skip
+    return [
+        j.optim,
+        f"{j.max_lr:g}",
+        f"{j.muon_lr:g}" if j.muon_lr else "—",
+        *(by_seed.get(seed, "—") for seed in seeds),
+        f"**{mean}**" if s is chosen else mean,
+    ]
 
 
 def stage_table(settings: list[Setting]) -> str:
@@ -292,9 +311,13 @@ def render(results: Results, png: Path | None, budget: str) -> str:
         f"Each job: `experiment=compare_tiny` ({budget}); the score is the validation loss "
         "(nats/token) after the last step, mean of the seeds; bold: the stage's best.",
         "",
-        f"| recipe | mean val loss | seeds |\n| --- | --- | --- |\n"
-        f"| best AdamW: {adamw.label()} | {adamw.mean:.4f} | {len(adamw.jobs)} |\n"
-        f"| best Muon: {muon.label()} | {muon.mean:.4f} | {len(muon.jobs)} |",
+        table(
+            ["recipe", "mean val loss", "seeds"],
+            [
+                [f"best AdamW: {adamw.label()}", f"{adamw.mean:.4f}", str(len(adamw.jobs))],
+                [f"best Muon: {muon.label()}", f"{muon.mean:.4f}", str(len(muon.jobs))],
+            ],
+        ),
         "",
         f"Muon is **{gap:.3f} nats** below AdamW at equal tokens (target: at least 0.25).",
     ]
@@ -302,9 +325,12 @@ def render(results: Results, png: Path | None, budget: str) -> str:
         t = {k: statistics.median(v) for k, v in results.step_times.items()}
         over = 100 * (t["muon"] / t["adamw"] - 1)
         n = len(results.step_times["adamw"])
-        parts += ["", f"Step time (median of {n} steps each, fresh processes in alternating "
-                  f"order, no validation): AdamW {t['adamw']:.3f} s, Muon {t['muon']:.3f} s, "
-                  f"**{over:+.1f}%** (target: at most +10%)."]  # fmt: skip
+        parts += [
+            "",
+            f"Step time (median of {n} steps each, fresh processes in alternating "
+            f"order, no validation): AdamW {t['adamw']:.3f} s, Muon {t['muon']:.3f} s, "
+            f"**{over:+.1f}%** (target: at most +10%).",
+        ]
         if results.bf16_slowdown is not None:
             parts[-1] += (
                 " torch.optim.Muon runs its Newton–Schulz iteration in bfloat16; on this CPU a "
@@ -313,44 +339,55 @@ def render(results: Results, png: Path | None, budget: str) -> str:
                 "units), which is most of Muon's extra time here. On GPUs with bf16 tensor "
                 "cores modded-nanogpt measures < 2% wall-clock overhead."
             )
-    for stage, title in (("adamw", "AdamW's max_lr"), ("muon_lr", "Muon's muon_lr"),
-                         ("muon_adamw", "the AdamW rate beside Muon")):  # fmt: skip
+    for stage, title in (
+        ("adamw", "AdamW's max_lr"),
+        ("muon_lr", "Muon's muon_lr"),
+        ("muon_adamw", "the AdamW rate beside Muon"),
+    ):
         if stage in st:
             parts += ["", f"#### stage {stage}: {title}", "", stage_table(st[stage])]
     if results.qkv_split is not None:
         s, fused = results.qkv_split, best(st["muon_lr"])
-        parts += ["", "#### q, k, v: one (3C, C) matrix or three (C, C) blocks", "",
-                  f"At stage muon_lr's best setting, {fused.label()}.", "",
-                  table(["c_attn orthogonalised as", "val loss per seed", "mean"], [
-                      ["one matrix (fused)", ", ".join(f"{j.val_loss:.4f}" for j in fused.jobs),
-                       f"{fused.mean:.4f}"],
-                      ["three blocks (split)", ", ".join(f"{j.val_loss:.4f}" for j in s.jobs),
-                       f"{s.mean:.4f}"]])]  # fmt: skip
+        parts += [
+            "",
+            "#### q, k, v: one (3C, C) matrix or three (C, C) blocks",
+            "",
+            f"At stage muon_lr's best setting, {fused.label()}.",
+            "",
+            table(
+                ["c_attn orthogonalised as", "val loss per seed", "mean"],
+                [
+                    [
+                        "one matrix (fused)",
+                        ", ".join(f"{j.val_loss:.4f}" for j in fused.jobs),
+                        f"{fused.mean:.4f}",
+                    ],
+                    [
+                        "three blocks (split)",
+                        ", ".join(f"{j.val_loss:.4f}" for j in s.jobs),
+                        f"{s.mean:.4f}",
+                    ],
+                ],
+            ),
+        ]
     if png is not None:
         parts += ["", f"![validation loss against tokens]({png.name})"]
     return "\n".join(parts)
 
 
-def section(body: str, command: str, seconds: float, load: tuple) -> tuple[str, str]:
+def section(body: str, info: RunInfo) -> tuple[str, str]:
+    """compare's section of BENCHMARKS.md, keyed `compare/<device>`: its key and text."""
     device = describe_device()
-    key = f"compare/{device.key}"
-    facts = "\n".join([
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M %Z}",
-        f"- device: {device.title}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in versions().items())}",
-        f"- command: `{command}` ({seconds:,.0f} s)",
-        f"- load average before: {' '.join(f'{x:.2f}' for x in load)}",
-    ])  # fmt: skip
-    text = f"## Optimizers at tiny scale: AdamW and Muon ({device.title})\n\n{facts}\n\n{body}"
-    return key, f"<!-- bench:device {key} -->\n{text}\n<!-- bench:end -->\n"
+    title = f"Optimizers at tiny scale: AdamW and Muon ({device.title})"
+    device = dataclasses.replace(device, key=f"compare/{device.key}", title=title)
+    return device.key, render_section(device, info, [body])
 
 
 # --------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m pipeline.compare",
-                                description=__doc__.split("\n\n")[0])  # fmt: skip
+    p = ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs-dir", default="runs", help="where the sweeps' runs go (runs)")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to update ('' = none)")
     p.add_argument("--png", default="BENCHMARKS-optimizers.png", help="plot to write")
@@ -371,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def compare(args: argparse.Namespace) -> tuple[Results, str]:
     """Run every stage; returns the results and their Markdown."""
+    if args.png:
+        output_path(args.png)  # matplotlib there, a format it writes: before hours of sweeps
     runs, extra = Path(args.runs_dir).resolve(), list(args.overrides)
     skip = set(args.skip.split(","))
     seeds = [f"{SEEDS_KEY}={args.seeds}"] if args.seeds else []
@@ -380,18 +419,32 @@ def compare(args: argparse.Namespace) -> tuple[Results, str]:
     st = results.stages
     st["adamw"] = sweep(runs, "adamw", ["optim=adamw", *adamw_grid, *seeds, *extra])
     lr = best(st["adamw"]).jobs[0].max_lr
-    st["muon_lr"] = sweep(runs, "muon_lr", ["optim=muon", f"optim.max_lr={lr}", *muon_grid,
-                                            *seeds, *extra])  # fmt: skip
+    st["muon_lr"] = sweep(
+        runs, "muon_lr", ["optim=muon", f"optim.max_lr={lr}", *muon_grid, *seeds, *extra]
+    )
     muon_1 = best(st["muon_lr"])
     if "qkv" not in skip:
-        split = [train_split_qkv(runs / "compare" / "qkv" / str(j.seed),
-                                 [*muon_1.overrides(), *extra, f"trainer.seed={j.seed}"])
-                 for j in muon_1.jobs]  # fmt: skip
+        split = [
+            train_split_qkv(
+                runs / "compare" / "qkv" / str(j.seed),
+                [*muon_1.overrides(), *extra, f"trainer.seed={j.seed}"],
+            )
+            for j in muon_1.jobs
+        ]
         results.qkv_split = Setting([read_job(p) for p in split])
     beside = args.muon_adamw_lrs or ",".join(f"{k * lr:g}" for k in (0.5, 2, 4, 8))
-    st["muon_adamw"] = [muon_1] + sweep(runs, "muon_adamw", [
-        "optim=muon", f"optim.muon_lr={muon_1.jobs[0].muon_lr}", "sweep=adamw_lr",
-        f"optim.max_lr={beside}", *seeds, *extra])  # fmt: skip
+    st["muon_adamw"] = [muon_1] + sweep(
+        runs,
+        "muon_adamw",
+        [
+            "optim=muon",
+            f"optim.muon_lr={muon_1.jobs[0].muon_lr}",
+            "sweep=adamw_lr",
+            f"optim.max_lr={beside}",
+            *seeds,
+            *extra,
+        ],
+    )
     adamw, muon = best(st["adamw"]), best(st["muon_lr"] + st["muon_adamw"])
     if "timing" not in skip:
         with tempfile.TemporaryDirectory(prefix="compare-timing-") as tmp:
@@ -400,30 +453,38 @@ def compare(args: argparse.Namespace) -> tuple[Results, str]:
                 results.bf16_slowdown = bf16_matmul_slowdown()
             for _ in range(args.timing_rounds):
                 for name, s in (("adamw", adamw), ("muon", muon)):
-                    results.step_times[name] += step_times(s, Path(tmp), args.timing_steps, 2,
-                                                           extra)  # fmt: skip
+                    results.step_times[name] += step_times(
+                        s, Path(tmp), args.timing_steps, 2, extra
+                    )
     png = Path(args.png) if args.png else None
     if png is not None:
-        curves = [Curves(f"{s.label()} seed {j.seed}", val=j.curves.val)
-                  for s in (adamw, muon) for j in s.jobs]  # fmt: skip
+        curves = [
+            Curves(f"{s.label()} seed {j.seed}", val=j.curves.val)
+            for s in (adamw, muon)
+            for j in s.jobs
+        ]
         plot_runs(curves, png, "validation loss, best AdamW and best Muon (tiny model)")
     job0 = adamw.jobs[0]
     cfg = yaml.safe_load((job0.path / ".hydra" / "config.yaml").read_text())["trainer"]
-    budget = (f"{cfg['max_steps']} steps x {cfg['tokens_per_step']:,} tokens = "
-              f"{cfg['max_steps'] * cfg['tokens_per_step']:,} tokens")  # fmt: skip
+    budget = (
+        f"{cfg['max_steps']} steps x {cfg['tokens_per_step']:,} tokens = "
+        f"{cfg['max_steps'] * cfg['tokens_per_step']:,} tokens"
+    )
     return results, render(results, png, budget)
 
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     load, start = load_average(), time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc)
     results, body = compare(args)
     out_md = Path(args.runs_dir).resolve() / "compare" / "compare.md"
     write_text_atomic(out_md, body + "\n")
     given = sys.argv[1:] if argv is None else argv
     command = "python -m pipeline.compare" + "".join(f" {a}" for a in given)
     if args.out:
-        key, text = section(body, command, time.perf_counter() - start, load)
+        info = RunInfo(command, started, time.perf_counter() - start, load, load_average())
+        key, text = section(body, info)
         out = Path(args.out)
         write_text_atomic(
             out, merge_benchmarks(out.read_text() if out.is_file() else "", key, text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pipeline.errors import ConfigError, raise_if
 from pipeline.model import ModelConfig, loss_chunk_rows
+from pipeline.tools.render import table
 
 GIB = 1 << 30
 PRECISION_BYTES = {"bf16": 2, "fp32": 4}
@@ -155,18 +156,14 @@ def memory_table(
     sharded: bool = False,
     optimizer: str = "adamw",
 ) -> str:
-    """The estimate of each micro-batch size as a text table, GiB per component and total."""
-    rows = [
-        estimate_memory(model, b, block_size, precision, world_size, sharded, optimizer)
+    """The estimate of each micro-batch size as a markdown table, GiB per component and total."""
+    rows = {
+        b: estimate_memory(model, b, block_size, precision, world_size, sharded, optimizer)
         for b in micro_batch_sizes
-    ]
-    keys = list(rows[0])
-    header = "micro_batch " + " ".join(f"{k:>{max(len(k), 8)}}" for k in keys)
-    lines = [header]
-    for b, row in zip(micro_batch_sizes, rows):
-        cells = " ".join(f"{row[k] / GIB:>{max(len(k), 8)}.2f}" for k in keys)
-        lines.append(f"{b:>11} {cells}")
-    return "\n".join(lines)
+    }
+    keys = list(rows[micro_batch_sizes[0]])
+    cells = [[str(b), *(f"{row[k] / GIB:.2f}" for k in keys)] for b, row in rows.items()]
+    return table(["micro_batch_size", *keys], cells)
 
 
 def largest_power_of_two_fitting(

@@ -70,9 +70,14 @@ def run_memory(args: argparse.Namespace) -> None:
     cfg = _preset(args.model)
     block = args.block_size or cfg.block_size
     table = memory_table(
-        cfg, args.micro_batch_size, block, args.precision, args.world_size, args.sharded,
+        cfg,
+        args.micro_batch_size,
+        block,
+        args.precision,
+        args.world_size,
+        args.sharded,
         args.optimizer,
-    )  # fmt: skip
+    )
     layout = "FSDP full shard" if args.sharded else "data parallel"
     print(
         f"{args.model}: {count_params(cfg):,} parameters | block {block} | {args.precision} | "
@@ -82,9 +87,11 @@ def run_memory(args: argparse.Namespace) -> None:
     print(table)
     if not args.sharded:
         fits = largest_by_gpu(cfg, block, args.precision, args.optimizer)
-        print(f"largest power-of-two micro_batch_size by GPU memory (estimate within "
-              f"{FIT_MARGIN:.0%} of the memory less 1 GiB): "
-              + " | ".join(f"{gb} GB: {b or 'none'}" for gb, b in fits.items()))  # fmt: skip
+        print(
+            f"largest power-of-two micro_batch_size by GPU memory (estimate within "
+            f"{FIT_MARGIN:.0%} of the memory less 1 GiB): "
+            + " | ".join(f"{gb} GB: {b or 'none'}" for gb, b in fits.items())
+        )
 
 
 def max_batch_config(args: argparse.Namespace) -> TrainConfig:
@@ -112,14 +119,19 @@ def _measure_max_batch(cfg: TrainConfig, args: argparse.Namespace) -> int:
     probe = RunProbe.build(cfg, data_parallel=args.gpus > 1 and not cfg.runtime.fsdp)
     device, block, peaks = probe.device, cfg.block_size, {}
     total = torch.cuda.get_device_properties(device).total_memory
-    start = largest_power_of_two_fitting(cfg.model, block, total, _precision(cfg),
-                                         high=args.high, optimizer=cfg.optim.name)  # fmt: skip
-    layout = "FSDP (one shard here)" if cfg.runtime.fsdp else (
-        "DDP" if args.gpus > 1 else "one GPU")  # fmt: skip
-    print(f"probing {cfg.model.n_layer} layers x {cfg.model.n_embd} | block {block} | "
-          f"{_precision(cfg)} | {cfg.optim.name} | {layout} | activation checkpointing "
-          f"{cfg.runtime.activation_checkpointing} | loss {cfg.runtime.loss_impl} | compile "
-          f"{probe.compiled}; starting at the estimate, {start or 1}", flush=True)  # fmt: skip
+    start = largest_power_of_two_fitting(
+        cfg.model, block, total, _precision(cfg), high=args.high, optimizer=cfg.optim.name
+    )
+    layout = (
+        "FSDP (one shard here)" if cfg.runtime.fsdp else ("DDP" if args.gpus > 1 else "one GPU")
+    )
+    print(
+        f"probing {cfg.model.n_layer} layers x {cfg.model.n_embd} | block {block} | "
+        f"{_precision(cfg)} | {cfg.optim.name} | {layout} | activation checkpointing "
+        f"{cfg.runtime.activation_checkpointing} | loss {cfg.runtime.loss_impl} | compile "
+        f"{probe.compiled}; starting at the estimate, {start or 1}",
+        flush=True,
+    )
 
     def try_step(b: int) -> bool:
         began = time.perf_counter()
@@ -143,8 +155,9 @@ def _measure_max_batch(cfg: TrainConfig, args: argparse.Namespace) -> int:
 def _estimate_max_batch(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """The largest power-of-two micro-batch whose estimate fits in --memory-gib; prints it."""
     block, precision = cfg.block_size, _precision(cfg)
-    best = largest_power_of_two_fitting(cfg.model, block, args.memory_gib * GIB, precision,
-                                        high=args.high, optimizer=cfg.optim.name)  # fmt: skip
+    best = largest_power_of_two_fitting(
+        cfg.model, block, args.memory_gib * GIB, precision, high=args.high, optimizer=cfg.optim.name
+    )
     if best == 0:
         raise ConfigError(f"even micro_batch_size=1 exceeds {args.memory_gib} GiB")
     estimate = estimate_memory(cfg.model, best, block, precision)["total"]

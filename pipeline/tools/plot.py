@@ -29,9 +29,11 @@ def expand_runs(paths: list[str | Path]) -> list[Path]:
     Raises DataError naming a path with neither."""
     runs = []
     for path in map(Path, paths):
-        found = [path] if (path / METRICS).is_file() else sorted(
-            p.parent for p in path.glob(f"*/{METRICS}")
-        )  # fmt: skip
+        found = (
+            [path]
+            if (path / METRICS).is_file()
+            else sorted(p.parent for p in path.glob(f"*/{METRICS}"))
+        )
         if not found:
             raise DataError(f"{path}: no {METRICS} in it or its subfolders (a run folder?)")
         runs += found
@@ -48,6 +50,17 @@ def read_curves(run_dir: Path, name: str | None = None) -> Curves:
     return curves
 
 
+def require_matplotlib() -> None:
+    """Raise OutputError saying how to install matplotlib (the `plot` extra) when it is not
+    there: before a plot is asked of it, not after a run's hours of work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise OutputError(
+            f"plots need matplotlib, which is not installed ({e}): pip install -e '.[plot]'"
+        ) from None
+
+
 def output_path(out: str | Path) -> Path:
     """The file the plot goes to: `out`, with `.png` added when it has no suffix (as matplotlib
     would add it). Raises OutputError for an existing folder or a format matplotlib cannot
@@ -59,24 +72,27 @@ def output_path(out: str | Path) -> Path:
         out = out.with_name(out.name + ".png")
         if out.is_dir():
             raise OutputError(f"--out {out} is a folder: give another file name")
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     formats = FigureCanvasAgg.get_supported_filetypes()
     if out.suffix[1:].lower() not in formats:
-        raise OutputError(f"--out {out}: matplotlib cannot write {out.suffix} files; use one of "
-                          f"{', '.join('.' + f for f in sorted(formats))}")  # fmt: skip
+        raise OutputError(
+            f"--out {out}: matplotlib cannot write {out.suffix} files; use one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
     return out
 
 
 def plot_runs(runs: list[Curves], out: str | Path, title: str = "loss") -> Path:
     """Draw the runs' curves into an image at output_path(out) (PNG unless its suffix names
     another format; folders created); returns the path written. Raises OutputError."""
+    out = output_path(out)  # first: it checks that matplotlib is there
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    out = output_path(out)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for i, run in enumerate(runs):
         colour = f"C{i % 10}"
@@ -110,9 +126,12 @@ def run_label(run_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m pipeline.plot", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run folders, or sweep folders holding runs")
-    parser.add_argument("--out", default="loss.png",
-                        help="image to write: PNG (default loss.png; .png is added to a name "
-                        "without suffix), or .svg, .pdf ... by its suffix")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        default="loss.png",
+        help="image to write: PNG (default loss.png; .png is added to a name "
+        "without suffix), or .svg, .pdf ... by its suffix",
+    )
     parser.add_argument("--title", default="loss")
     args = parser.parse_args(argv)
     run_dirs = expand_runs(args.runs)

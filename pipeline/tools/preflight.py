@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,12 +42,14 @@ import torch
 from pipeline.config.cli import check_command_line
 from pipeline.errors import ArgumentParser, ConfigError
 from pipeline.model import GPT, PRESETS
-from pipeline.tools.cost import estimate_cost
+from pipeline.tools.cost import estimate_cost, measured_tokens_per_s
+from pipeline.tools.process import run_timed
+from pipeline.tools.render import table
+from pipeline.training.runlog import read_records
 
 GIB = 2**30
 RECIPE_TIMEOUT_S = 900
 """The recipe's steps, compile and start-up included, must end within this."""
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -92,12 +92,9 @@ def check_versions() -> Check:
 
 
 def _nvidia_smi(field: str) -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None
+    command = ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"]
+    out = run_timed(command, cwd=None, timeout_s=30)
+    return out.stdout.splitlines()[0].strip() if out.ok and out.stdout else None
 
 
 def check_bf16() -> Check:
@@ -105,9 +102,12 @@ def check_bf16() -> Check:
         return skipped("bf16", "no CUDA device")
     if torch.cuda.is_bf16_supported():
         return ok("bf16", "supported: runtime.precision=auto trains in bf16")
-    return problem("bf16", f"{torch.cuda.get_device_name()} has no bfloat16 support",
-                   "rent an Ampere or newer GPU (A100, H100, L4 ...), or train with "
-                   "runtime.precision=fp32 (slower, more memory)")  # fmt: skip
+    return problem(
+        "bf16",
+        f"{torch.cuda.get_device_name()} has no bfloat16 support",
+        "rent an Ampere or newer GPU (A100, H100, L4 ...), or train with "
+        "runtime.precision=fp32 (slower, more memory)",
+    )
 
 
 def check_attention(micro_batch: int = 4) -> Check:
@@ -115,11 +115,17 @@ def check_attention(micro_batch: int = 4) -> Check:
         return skipped("attention", "no CUDA device")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(micro_batch, 12, 1024, 64, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))  # fmt: skip
+    q, k, v = (
+        torch.randn(micro_batch, 12, 1024, 64, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3)
+    )
     usable = []
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):  # fmt: skip
+    for backend in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ):
         try:
             with sdpa_kernel([backend]):
                 torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -128,17 +134,23 @@ def check_attention(micro_batch: int = 4) -> Check:
             pass
     if {"flash_attention", "cudnn_attention"} & set(usable):
         return ok("attention", f"kernels that take GPT-2's shapes: {', '.join(usable)}")
-    return problem("attention", f"only {', '.join(usable) or 'no kernel'} takes GPT-2's shapes "
-                   "(bf16, head_dim 64, causal)", "use a torch build with flash attention for "
-                   "this GPU (make setup-gpu installs PyPI's CUDA build)")  # fmt: skip
+    return problem(
+        "attention",
+        f"only {', '.join(usable) or 'no kernel'} takes GPT-2's shapes (bf16, head_dim 64, causal)",
+        "use a torch build with flash attention for "
+        "this GPU (make setup-gpu installs PyPI's CUDA build)",
+    )
 
 
 def check_compile() -> Check:
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        return problem("compile", "no C compiler on PATH (Inductor and Triton need one)",
-                       "install one (apt-get install build-essential; make setup-gpu does), "
-                       "or train with runtime.compile=false")  # fmt: skip
+        return problem(
+            "compile",
+            "no C compiler on PATH (Inductor and Triton need one)",
+            "install one (apt-get install build-essential; make setup-gpu does), "
+            "or train with runtime.compile=false",
+        )
     if not torch.cuda.is_available():
         return skipped("compile", f"C compiler {compiler}; torch.compile on a GPU: no CUDA")
     start = time.perf_counter()
@@ -146,11 +158,15 @@ def check_compile() -> Check:
         fn = torch.compile(lambda x: torch.nn.functional.gelu(x, approximate="tanh") * 2)
         fn(torch.randn(1024, device="cuda")).sum().item()
     except Exception as e:  # noqa: BLE001 - any failure of the toolchain is the finding
-        return problem("compile", f"torch.compile failed ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]})", "train with runtime.compile=false, or "
-                       "fix the toolchain (a C compiler, Triton)")  # fmt: skip
-    return ok("compile", f"C compiler {compiler}; a compiled kernel in "
-              f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+        return problem(
+            "compile",
+            f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            "train with runtime.compile=false, or fix the toolchain (a C compiler, Triton)",
+        )
+    return ok(
+        "compile",
+        f"C compiler {compiler}; a compiled kernel in {time.perf_counter() - start:.1f} s",
+    )
 
 
 def check_step(micro_batch: int = 4) -> Check:
@@ -170,11 +186,14 @@ def check_step(micro_batch: int = 4) -> Check:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         figures[name] = (loss.item(), norm.item(), time.perf_counter() - start)
     (loss_e, norm_e, _), (loss_c, norm_c, first) = figures["eager"], figures["compiled"]
-    detail = (f"loss eager {loss_e:.5f}, compiled {loss_c:.5f}; grad norm {norm_e:.4f}, "
-              f"{norm_c:.4f}; first compiled step {first:.1f} s")  # fmt: skip
+    detail = (
+        f"loss eager {loss_e:.5f}, compiled {loss_c:.5f}; grad norm {norm_e:.4f}, "
+        f"{norm_c:.4f}; first compiled step {first:.1f} s"
+    )
     if abs(loss_c - loss_e) > 1e-2 * abs(loss_e) or abs(norm_c - norm_e) > 5e-2 * norm_e:
-        return problem("step", detail, "train with runtime.compile=false and report the "
-                       "torch version and GPU")  # fmt: skip
+        return problem(
+            "step", detail, "train with runtime.compile=false and report the torch version and GPU"
+        )
     return ok("step", detail)
 
 
@@ -198,8 +217,11 @@ def check_optimizers() -> Check:
         times[name] = 1000 * (time.perf_counter() - start)
     if not all(p.isfinite().all() for p in model.parameters()):
         return problem("optimizers", "non-finite weights after a step", "report the versions")
-    return ok("optimizers", f"GPT-2 124M, one step: fused AdamW {times['adamw']:.1f} ms, "
-              f"Muon + AdamW {times['muon']:.1f} ms")  # fmt: skip
+    return ok(
+        "optimizers",
+        f"GPT-2 124M, one step: fused AdamW {times['adamw']:.1f} ms, "
+        f"Muon + AdamW {times['muon']:.1f} ms",
+    )
 
 
 def check_nccl(gpus: int, work: Path, size_mib: int = 256) -> Check:
@@ -218,23 +240,24 @@ def check_nccl(gpus: int, work: Path, size_mib: int = 256) -> Check:
     )
     script = work / "all_reduce.py"
     script.write_text(code)
-    try:
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={gpus}", str(script)], capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return problem("nccl", f"an all-reduce across {gpus} GPUs did not finish in 300 s",
-                       "check NCCL (NCCL_DEBUG=INFO) and the GPU interconnect")  # fmt: skip
-    seconds = [float(line.split()[1]) for line in out.stdout.splitlines()
-               if line.startswith("seconds ")]  # fmt: skip
-    if out.returncode or not seconds:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
-        return problem("nccl", f"all-reduce across {gpus} GPUs failed ({tail[0][:200]})",
-                       "check NCCL (NCCL_DEBUG=INFO), the GPU interconnect and that no other "
-                       "process holds the GPUs")  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    out = run_timed([*torchrun, f"--nproc_per_node={gpus}", str(script)], timeout_s=300)
+    seconds = [
+        float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("seconds ")
+    ]
+    if not out.ok or not seconds:
+        return problem(
+            "nccl",
+            f"all-reduce across {gpus} GPUs failed ({out.why()}: {out.last_line(200)})",
+            "check NCCL (NCCL_DEBUG=INFO), the GPU interconnect and that no other "
+            "process holds the GPUs",
+        )
     bus = 2 * (gpus - 1) / gpus * size_mib * 2**20 / seconds[0] / 1e9
-    return ok("nccl", f"all-reduce of {size_mib} MiB bf16 over {gpus} GPUs: "
-              f"{1000 * seconds[0]:.2f} ms, bus bandwidth {bus:.0f} GB/s")  # fmt: skip
+    return ok(
+        "nccl",
+        f"all-reduce of {size_mib} MiB bf16 over {gpus} GPUs: "
+        f"{1000 * seconds[0]:.2f} ms, bus bandwidth {bus:.0f} GB/s",
+    )
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -252,8 +275,12 @@ def synthetic_shards(folder: Path, train_tokens: int, val_tokens: int, seed: int
         name = shard_name("synthetic", split, index)
         digest = write_shard(folder / name, rng.integers(0, 50257, n, dtype=np.uint16))
         shards.append({"file": name, "split": split, "tokens": n, "sha256": digest})
-    settings = {"name": "synthetic", "source": {"kind": "random tokens", "seed": seed},
-                "shard_size": train_tokens, "val_tokens": val_tokens}  # fmt: skip
+    settings = {
+        "name": "synthetic",
+        "source": {"kind": "random tokens", "seed": seed},
+        "shard_size": train_tokens,
+        "val_tokens": val_tokens,
+    }
     write_manifest(folder, build_manifest(settings, shards, {"val": 1, "train": 1}))
     return folder
 
@@ -266,42 +293,58 @@ def check_recipe(experiment: str, gpus: int, price: float, steps: int, work: Pat
         return skipped("recipe", "no CUDA device")
     cfg = _recipe(experiment)
     tokens_per_step = cfg.trainer.tokens_per_step
-    shards = synthetic_shards(work / "shards", train_tokens=max(tokens_per_step * (steps + 2),
-                              10_000_000), val_tokens=1_000_000)  # fmt: skip
-    args = [f"experiment={experiment}", f"data.shard_dir={shards}", f"trainer.runs_dir={work}",
-            "trainer.run_name=preflight", f"trainer.max_steps={steps}", "trainer.log_interval=1",
-            "eval.tokens=0", "eval.sample_tokens=0", "checkpoint.interval=0",
-            "checkpoint.resume=never", "logger=none"]  # fmt: skip
-    env = {**os.environ, "NPROC": str(gpus), "PYTHON": sys.executable}
+    shards = synthetic_shards(
+        work / "shards",
+        train_tokens=max(tokens_per_step * (steps + 2), 10_000_000),
+        val_tokens=1_000_000,
+    )
+    args = [
+        f"experiment={experiment}",
+        f"data.shard_dir={shards}",
+        f"trainer.runs_dir={work}",
+        "trainer.run_name=preflight",
+        f"trainer.max_steps={steps}",
+        "trainer.log_interval=1",
+        "eval.tokens=0",
+        "eval.sample_tokens=0",
+        "checkpoint.interval=0",
+        "checkpoint.resume=never",
+        "logger=none",
+    ]
+    env = {"NPROC": str(gpus), "PYTHON": sys.executable}
     gc.collect()
     torch.cuda.empty_cache()  # what the checks before left cached on GPU 0: the run's memory
-    start = time.perf_counter()
-    try:
-        out = subprocess.run(["bash", "launch/train_single_node.sh", *args], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=RECIPE_TIMEOUT_S)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return problem("recipe", f"{steps} steps of {experiment} did not finish in "
-                       f"{RECIPE_TIMEOUT_S} s", "look for a hang with make train and the same "
-                       "settings (NCCL_DEBUG=INFO), or a very slow first compile")  # fmt: skip
-    wall = time.perf_counter() - start
-    if out.returncode:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return problem("recipe", f"{steps} steps of {experiment} on {gpus} GPU(s) failed "
-                       f"(exit {out.returncode}: {last[:300]})", "lower "
-                       "trainer.micro_batch_size (make max-batch) or read the output of make "
-                       "train with the same settings")  # fmt: skip
-    records = [json.loads(line) for line in (work / "preflight" / "metrics.jsonl").open()]
-    train = [r for r in records if r["kind"] == "train"][5:]
-    rate = statistics.median(r["tokens_per_s"] for r in train)
+    command = ["bash", "launch/train_single_node.sh", *args]
+    out = run_timed(command, env=env, timeout_s=RECIPE_TIMEOUT_S)
+    if out.timed_out:
+        return problem(
+            "recipe",
+            f"{steps} steps of {experiment} did not finish in {RECIPE_TIMEOUT_S} s",
+            "look for a hang with make train and the same "
+            "settings (NCCL_DEBUG=INFO), or a very slow first compile",
+        )
+    if not out.ok:
+        return problem(
+            "recipe",
+            f"{steps} steps of {experiment} on {gpus} GPU(s) failed ({out.why()}: "
+            f"{out.last_line()})",
+            "lower trainer.micro_batch_size (make max-batch) or read the output of make "
+            "train with the same settings",
+        )
+    wall, train = out.seconds, read_records(work / "preflight", "train")[5:]
+    rate = measured_tokens_per_s(work / "preflight", skip_first=5)
     mfu = [r["mfu"] for r in train if r.get("mfu") is not None]
     memory = max((r.get("peak_memory_gib") or 0.0) for r in train)
     total = cfg.max_steps * tokens_per_step
     cost = estimate_cost(total, rate, gpus, price)
     shown_mfu = f"{100 * statistics.median(mfu):.1f}%" if mfu else "n/a"
-    return ok("recipe", f"{experiment} on {gpus} GPU(s): {rate:,.0f} tokens/s, MFU {shown_mfu}, "
-              f"peak memory {memory:.1f} GiB per GPU; {total / 1e9:.1f}B tokens take "
-              f"{cost['wall_h']:.1f} h, {cost['gpu_hours']:.0f} GPU-hours = {cost['cost']:,.0f} "
-              f"at {price}/GPU-hour; {steps} steps in {wall:.0f} s with start-up")  # fmt: skip
+    return ok(
+        "recipe",
+        f"{experiment} on {gpus} GPU(s): {rate:,.0f} tokens/s, MFU {shown_mfu}, "
+        f"peak memory {memory:.1f} GiB per GPU; {total / 1e9:.1f}B tokens take "
+        f"{cost['wall_h']:.1f} h, {cost['gpu_hours']:.0f} GPU-hours = {cost['cost']:,.0f} "
+        f"at {price}/GPU-hour; {steps} steps in {wall:.0f} s with start-up",
+    )
 
 
 def _recipe(experiment: str):
@@ -331,13 +374,19 @@ def check_disk(experiment: str, folders: list[Path], write_mib: int) -> Check:
     folder = next((f for f in folders if f.exists()), Path("."))
     free = shutil.disk_usage(folder).free
     speed = _write_speed(folder, write_mib)
-    detail = (f"{folder.resolve()}: {free / 1e9:,.0f} GB free, {experiment} needs ~"
-              f"{need / 1e9:,.0f} GB ({shards / 1e9:,.0f} GB of shards, {checkpoints / 1e9:,.1f} "
-              f"GB of checkpoints); writes {speed:,.0f} MB/s (fsync)")  # fmt: skip
+    detail = (
+        f"{folder.resolve()}: {free / 1e9:,.0f} GB free, {experiment} needs ~"
+        f"{need / 1e9:,.0f} GB ({shards / 1e9:,.0f} GB of shards, {checkpoints / 1e9:,.1f} "
+        f"GB of checkpoints); writes {speed:,.0f} MB/s (fsync)"
+    )
     if free < need:
-        return problem("disk", detail, "mount a larger data disk (make setup-gpu "
-                       "DATA_DISK=/dev/...) or keep fewer checkpoints "
-                       "(checkpoint.keep_last)")  # fmt: skip
+        return problem(
+            "disk",
+            detail,
+            "mount a larger data disk (make setup-gpu "
+            "DATA_DISK=/dev/...) or keep fewer checkpoints "
+            "(checkpoint.keep_last)",
+        )
     return ok("disk", detail)
 
 
@@ -359,11 +408,16 @@ def _write_speed(folder: Path, mib: int) -> float:
 def run_checks(args: argparse.Namespace, work: Path) -> list[Check]:
     gpus = args.gpus or (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     steps: list[Callable[[], Check]] = [
-        check_versions, check_bf16, check_attention, check_compile, check_step,
-        check_optimizers, lambda: check_nccl(gpus, work),
+        check_versions,
+        check_bf16,
+        check_attention,
+        check_compile,
+        check_step,
+        check_optimizers,
+        lambda: check_nccl(gpus, work),
         lambda: check_recipe(args.experiment, gpus, args.price, args.steps, work),
         lambda: check_disk(args.experiment, [Path("shards"), Path("runs")], args.write_mib),
-    ]  # fmt: skip
+    ]
     checks = []
     for step in steps:
         check = step()
@@ -373,8 +427,7 @@ def run_checks(args: argparse.Namespace, work: Path) -> list[Check]:
 
 
 def render(checks: list[Check]) -> str:
-    rows = [f"| {c.name} | {c.status} | {c.detail} |" for c in checks]
-    return "\n".join(["| check | result | figures |", "| --- | --- | --- |", *rows])
+    return table(["check", "result", "figures"], [[c.name, c.status, c.detail] for c in checks])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,16 +445,19 @@ def main(argv: list[str] | None = None) -> int:
     printed as one line on stderr)."""
     args = build_parser().parse_args(argv)
     if args.steps < 7 or args.write_mib < 1 or (args.gpus is not None and args.gpus < 1):
-        raise ConfigError("--steps must be >= 7 (5 warm-up steps are left out), --write-mib "
-                          ">= 1 and --gpus >= 1")  # fmt: skip
+        raise ConfigError(
+            "--steps must be >= 7 (5 warm-up steps are left out), --write-mib >= 1 and --gpus >= 1"
+        )
     check_command_line("train", [f"experiment={args.experiment}"])  # before any check runs
     with tempfile.TemporaryDirectory(prefix="preflight-") as tmp:
         checks = run_checks(args, Path(tmp))
     print()
     print(render(checks))
     ran = [c.name for c in checks if c.status != "skipped"]
-    print(f"\nran {', '.join(ran)}; skipped "
-          f"{', '.join(c.name for c in checks if c.status == 'skipped') or 'none'}")  # fmt: skip
+    print(
+        f"\nran {', '.join(ran)}; skipped "
+        f"{', '.join(c.name for c in checks if c.status == 'skipped') or 'none'}"
+    )
     problems = [c for c in checks if c.status == "problem"]
     for c in problems:
         print(f"error: {c.name}: {c.detail} — {c.fix}", file=sys.stderr)

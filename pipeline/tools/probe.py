@@ -114,8 +114,9 @@ def cuda_step_fits(
     _release_memory(compile)
     torch.cuda.reset_peak_memory_stats(device)
     try:
-        training_steps(model_cfg, micro_batch_size, block_size, precision, compile, device,
-                       optimizer=optimizer)  # fmt: skip
+        training_steps(
+            model_cfg, micro_batch_size, block_size, precision, compile, device, optimizer=optimizer
+        )
         fits = True
     except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
         if not _is_out_of_memory(error):
@@ -156,14 +157,22 @@ def training_steps(
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
     optim_cfg = OptimConfig(name=optimizer)
-    forward = _with_autocast(torch.compile(model) if compile else model,
-                            autocast_for(precision, device))  # fmt: skip
-    step = TrainStep(model, forward, build_optimizer(model, optim_cfg, device.type), grad_accum,
-                     optim_cfg.grad_clip, SingleProcess(device))  # fmt: skip
+    forward = _with_autocast(
+        torch.compile(model) if compile else model, autocast_for(precision, device)
+    )
+    step = TrainStep(
+        model,
+        forward,
+        build_optimizer(model, optim_cfg, device.type),
+        grad_accum,
+        optim_cfg.grad_clip,
+        SingleProcess(device),
+    )
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.randint(0, model_cfg.vocab_size, (micro_batch_size, block_size + 1),
-                               device=device)  # fmt: skip
+        tokens = torch.randint(
+            0, model_cfg.vocab_size, (micro_batch_size, block_size + 1), device=device
+        )
         return tokens[:, :-1], tokens[:, 1:]
 
     for i in range(steps):
@@ -203,11 +212,20 @@ class RunProbe:
         is. Starts a one-process group when none exists (FSDP and DDP need one)."""
         device = resolve_device(cfg.runtime.cpu)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo",
+                store=dist.HashStore(),
+                rank=0,
+                world_size=1,
+            )
         model = build_model(cfg, device)
-        probe = cls(cfg, model, data_parallel and not cfg.runtime.fsdp, device,
-                    compile_enabled(cfg.runtime, device))  # fmt: skip
+        probe = cls(
+            cfg,
+            model,
+            data_parallel and not cfg.runtime.fsdp,
+            device,
+            compile_enabled(cfg.runtime, device),
+        )
         probe._wrap(build_optimizer(model, cfg.optim, device.type))
         return probe
 
@@ -226,14 +244,17 @@ class RunProbe:
             if self.compiled:
                 forward = torch.compile(wrapped, mode=cfg.runtime.compile_mode)
             precision = resolve_precision(cfg.runtime.precision, device)
-            forward = _with_autocast(forward if self.compiled else wrapped,
-                                    autocast_for(precision, device))  # fmt: skip
+            forward = _with_autocast(
+                forward if self.compiled else wrapped, autocast_for(precision, device)
+            )
         self.wrapped = wrapped
-        self.step = TrainStep(model, forward, optimizer, 2, cfg.optim.grad_clip,
-                              SingleProcess(device), no_sync)  # fmt: skip
+        self.step = TrainStep(
+            model, forward, optimizer, 2, cfg.optim.grad_clip, SingleProcess(device), no_sync
+        )
 
-    def fits(self, micro_batch_size: int, peaks: dict[int, int] | None = None,
-             steps: int = 2) -> bool:  # fmt: skip
+    def fits(
+        self, micro_batch_size: int, peaks: dict[int, int] | None = None, steps: int = 2
+    ) -> bool:
         """Whether `steps` optimizer steps of two micro-batches of micro_batch_size random
         sequences (gradient accumulation, as a run with grad_accum_steps > 1 does) fit in the
         device's memory. Returns False on CUDA out-of-memory, after freeing what the attempt

@@ -95,10 +95,19 @@ class Run:
             rate = n * t.tokens_per_step / seconds
             device = self.step.processes.device
             memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            self.reporter.train_step(step, max_steps, losses / n, lr, norms / n,
-                                     t.tokens_per_step, seconds / n, self.throughput.mfu(rate),
-                                     self.state.tokens_seen, self.throughput.devices,
-                                     memory)  # fmt: skip
+            self.reporter.train_step(
+                step=step,
+                max_steps=max_steps,
+                loss=losses / n,
+                lr=lr,
+                grad_norm=norms / n,
+                tokens_per_step=t.tokens_per_step,
+                step_time_s=seconds / n,
+                mfu=self.throughput.mfu(rate),
+                tokens_seen=self.state.tokens_seen,
+                num_processes=self.throughput.devices,
+                peak_memory=memory,
+            )
 
 
 def build_model(cfg: TrainConfig, device: torch.device, rank: int = 0) -> GPT:
@@ -114,8 +123,8 @@ def build_model(cfg: TrainConfig, device: torch.device, rank: int = 0) -> GPT:
     model.loss_impl = cfg.runtime.loss_impl
     if cfg.runtime.fsdp:  # before the optimizer, which must hold the sharded parameters
         compiled = compile_enabled(cfg.runtime, device)
-        shard(model, resolve_precision(cfg.runtime.precision, device),
-              cfg.runtime.compile_mode if compiled else None)  # fmt: skip
+        precision = resolve_precision(cfg.runtime.precision, device)
+        shard(model, precision, compile_mode=cfg.runtime.compile_mode if compiled else None)
     return model
 
 
@@ -129,24 +138,47 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     login = wandb_run.login_problem(cfg.logger) if accelerator.is_main_process else None
     raise_if(cfg.problems(world) + ([login] if login else []))  # before any work
     if cfg.runtime.loss_impl == "liger" and not liger_available(device):
-        raise ConfigError([
+        raise ConfigError(
             "runtime.loss_impl=liger needs a CUDA device and liger-kernel (pip install "
             "liger-kernel): install it, or use runtime.loss_impl=chunked (the default)"
-        ])  # fmt: skip
+        )
     t, d, vocab, fsdp = cfg.trainer, cfg.data, cfg.model.vocab_size, cfg.runtime.fsdp
     main, run_dir, config = accelerator.is_main_process, Path(t.runs_dir) / t.run_name, as_dict(cfg)
     if main:  # before anything is written: a second process on this run stops here
         held.enter_context(folder_lock(run_dir, *_run_folder_words(t.run_name)))
     train_split = open_split(d.shard_dir, "train", vocab, d.verify_checksums)
     loader = TrainLoader(
-        train_split, cfg.block_size, t.micro_batch_size, rank, world, t.seed, device, vocab
+        train_split,
+        block_size=cfg.block_size,
+        micro_batch_size=t.micro_batch_size,
+        rank=rank,
+        world_size=world,
+        seed=t.seed,
+        device=device,
+        vocab_size=vocab,
     )
-    validator = Validator.load(cfg.eval, d, cfg.block_size, vocab, t.micro_batch_size, t.seed,
-                               cfg.max_steps, accelerator, fsdp)  # fmt: skip
-    last_stable = cfg.decay_start if cfg.optim.schedule == "wsd" else None
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, cfg.max_steps, last_stable, config,
-                                accelerator, fsdp, main_print(main),
-                                timeout_s=cfg.runtime.dist_timeout_s)  # fmt: skip
+    validator = Validator.load(
+        cfg.eval,
+        d,
+        block_size=cfg.block_size,
+        vocab_size=vocab,
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed,
+        max_steps=cfg.max_steps,
+        accelerator=accelerator,
+        fsdp=fsdp,
+    )
+    checkpointer = Checkpointer(
+        cfg.checkpoint,
+        run_dir,
+        max_steps=cfg.max_steps,
+        last_stable_step=cfg.decay_start if cfg.optim.schedule == "wsd" else None,
+        config=config,
+        accelerator=accelerator,
+        fsdp=fsdp,
+        say=main_print(main),
+        timeout_s=cfg.runtime.dist_timeout_s,
+    )
 
     model = build_model(cfg, device, rank)
     optimizer = build_optimizer(model, cfg.optim, device.type, world)
@@ -154,13 +186,33 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     resume_from, state = checkpointer.restore(model, optimizer, loader, check)
     forward, no_sync = prepare(model, optimizer, accelerator, cfg.runtime)
     grad_accum, clip = cfg.grad_accum_steps(world), cfg.optim.grad_clip
-    step = TrainStep(model, forward, optimizer, grad_accum, clip, accelerator, no_sync)
-    reporter = Reporter(main, run_dir, cfg.logger, t.run_name, config,
-                        resume_step=state.step + 1 if resume_from else 0,
-                        wandb_id=state.wandb_id)  # fmt: skip
+    step = TrainStep(
+        model,
+        forward,
+        optimizer,
+        grad_accum=grad_accum,
+        grad_clip=clip,
+        processes=accelerator,
+        no_sync=no_sync,
+    )
+    reporter = Reporter(
+        main,
+        run_dir,
+        cfg.logger,
+        run_name=t.run_name,
+        config=config,
+        resume_step=state.step + 1 if resume_from else 0,
+        wandb_id=state.wandb_id,
+    )
     state.wandb_id = reporter.wandb_id
-    profiler = StepProfiler(cfg.profile.steps, cfg.profile.start, run_dir / PROFILE_DIR, device,
-                            main, reporter.print)  # fmt: skip
+    profiler = StepProfiler(
+        cfg.profile.steps,
+        cfg.profile.start,
+        out_dir=run_dir / PROFILE_DIR,
+        device=device,
+        enabled=main,
+        done=reporter.print,
+    )
     flops = model.flops_per_token(cfg.block_size)
     throughput = Throughput(flops, peak_flops(device, cfg.runtime.peak_flops), world)
     compiled = compile_enabled(cfg.runtime, device)
@@ -173,8 +225,18 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
         f"{t.tokens_per_step:,} tokens | train split {train_split.num_tokens:,} tokens"
         + (f" | resuming from {resume_from}" if resume_from else "")
     )
-    return Run(cfg, model, step, loader, state, validator, checkpointer, reporter, profiler,
-               throughput)  # fmt: skip
+    return Run(
+        cfg,
+        model,
+        step,
+        loader,
+        state,
+        validator=validator,
+        checkpointer=checkpointer,
+        reporter=reporter,
+        profiler=profiler,
+        throughput=throughput,
+    )
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -204,8 +266,13 @@ def _train(run: Run) -> dict:
         for step in range(state.step, max_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, optim, max_steps)  # AdamW's; Muon's follows at its own peak
-            result = run.step(step + 1, lr / optim.max_lr, run.loader.next_batch, stop.requested,
-                              run.loader.prefetch)  # fmt: skip
+            result = run.step(
+                step + 1,
+                lr / optim.max_lr,
+                run.loader.next_batch,
+                stop.requested,
+                run.loader.prefetch,
+            )
             state.advance(cfg.trainer.tokens_per_step)
             bad_steps = 0 if result.finite else bad_steps + 1
             run.log_step(result, lr, time.perf_counter() - t0, bad_steps)
@@ -223,8 +290,9 @@ def _train(run: Run) -> dict:
                 path = run.save()
             if result.stopping:
                 cause = stop.received or "a signal to another process"
-                run.reporter.print(f"stopping after step {state.step} on {cause}: resume to "
-                                   "continue")  # fmt: skip
+                run.reporter.print(
+                    f"stopping after step {state.step} on {cause}: resume to continue"
+                )
                 break
         run.checkpointer.wait()  # the save in flight is complete before the run reports it
         summary = {
@@ -384,8 +452,14 @@ class TrainStep:
         update needs that answer: skipping a non-finite step is decided on the host.)"""
         procs = self.processes
         self.optimizer.set_lr_scale(lr_scale)
-        loss = accumulate_gradients(self.forward, next_batch, self.grad_accum, procs,
-                                    self.no_sync, poison=inject("nan", step))  # fmt: skip
+        loss = accumulate_gradients(
+            self.forward,
+            next_batch,
+            self.grad_accum,
+            procs,
+            self.no_sync,
+            poison=inject("nan", step),
+        )
         grad_norm = procs.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
         if isinstance(grad_norm, DTensor):  # FSDP: the norm of all shards together
             grad_norm = grad_norm.full_tensor()

@@ -136,12 +136,18 @@ def build_optimizer(
     )
     optimizers = [adamw]
     if muon:
-        settings = dict(lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
-                        momentum=cfg.muon_momentum, nesterov=True,
-                        adjust_lr_fn=cfg.muon_adjust_lr, ns_steps=cfg.muon_ns_steps)  # fmt: skip
+        settings = dict(
+            lr=cfg.muon_lr,
+            weight_decay=cfg.muon_weight_decay,
+            momentum=cfg.muon_momentum,
+            nesterov=True,
+            adjust_lr_fn=cfg.muon_adjust_lr,
+            ns_steps=cfg.muon_ns_steps,
+        )
         if world_size > 1 and cfg.muon_sharded:
-            optimizers.insert(0, ZeroRedundancyOptimizer(
-                muon, optimizer_class=torch.optim.Muon, **settings))  # fmt: skip
+            optimizers.insert(
+                0, ZeroRedundancyOptimizer(muon, optimizer_class=torch.optim.Muon, **settings)
+            )
         else:
             optimizers.insert(0, torch.optim.Muon(muon, **settings))
     for opt in optimizers:
@@ -174,8 +180,7 @@ def load_sharded_named_state(
             raise KeyError(f"no saved optimizer group holds the Muon matrices {params[0]}, ...")
         indices = list(range(index, index + len(params)))
         groups.append({**found[0], "params": indices})
-        state.update({i: named["state"][n] for i, n in zip(indices, params)
-                      if n in named["state"]})  # fmt: skip
+        state.update({i: named["state"][n] for i, n in zip(indices, params) if n in named["state"]})
         index += len(params)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     optimizer.state.clear()  # copies of what the local optimizer (optimizer.optim) now holds
@@ -205,11 +210,13 @@ def continuation_problem(state: dict, cfg: TrainConfig) -> str | None:
     old_optim = saved.get("optim", {})
     old_name = old_optim.get("name", "adamw")
     if old_name != cfg.optim.name:
-        raise ConfigError([
-            f"the run's checkpoints were trained with optim={old_name}, this launch asks for "
-            f"optim={cfg.optim.name}: their optimizer state does not carry over. Resume with "
-            f"optim={old_name}, or start a new run (another trainer.run_name)"
-        ])  # fmt: skip
+        raise ConfigError(
+            [
+                f"the run's checkpoints were trained with optim={old_name}, this launch asks for "
+                f"optim={cfg.optim.name}: their optimizer state does not carry over. Resume with "
+                f"optim={old_name}, or start a new run (another trainer.run_name)"
+            ]
+        )
     if "trainer" not in saved:
         return None  # no recorded budget (a checkpoint written outside pipeline.train)
     old = saved["trainer"]
@@ -217,22 +224,26 @@ def continuation_problem(state: dict, cfg: TrainConfig) -> str | None:
     new_max = cfg.max_steps
     old_schedule = old_optim.get("schedule", "cosine")
     if old_schedule != cfg.optim.schedule:
-        raise ConfigError([
-            f"the run was trained with optim.schedule={old_schedule}, this launch asks for "
-            f"optim.schedule={cfg.optim.schedule}: the learning rate would jump. Resume with "
-            f"optim.schedule={old_schedule}, or start a new run (another trainer.run_name)"
-        ])  # fmt: skip
+        raise ConfigError(
+            [
+                f"the run was trained with optim.schedule={old_schedule}, this launch asks for "
+                f"optim.schedule={cfg.optim.schedule}: the learning rate would jump. Resume with "
+                f"optim.schedule={old_schedule}, or start a new run (another trainer.run_name)"
+            ]
+        )
     if old_max == new_max:
         return None
     if cfg.optim.schedule != "wsd":
-        raise ConfigError([
-            f"trainer.max_steps changed from {old_max} to {new_max} (directly or through "
-            f"max_tokens), but this run follows a cosine schedule, whose decay spans all "
-            f"{old_max} steps: continuing would make the learning rate jump, and the finished "
-            f"run has already decayed. Resume with its budget ({old_max} steps), or train the "
-            "larger budget as a new run (another trainer.run_name), with optim.schedule=wsd "
-            "if you may want to extend it later"
-        ])  # fmt: skip
+        raise ConfigError(
+            [
+                f"trainer.max_steps changed from {old_max} to {new_max} (directly or through "
+                f"max_tokens), but this run follows a cosine schedule, whose decay spans all "
+                f"{old_max} steps: continuing would make the learning rate jump, and the finished "
+                f"run has already decayed. Resume with its budget ({old_max} steps), or train the "
+                "larger budget as a new run (another trainer.run_name), with optim.schedule=wsd "
+                "if you may want to extend it later"
+            ]
+        )
     step = state["step"]
     old_fraction = old_optim.get("decay_fraction", cfg.optim.decay_fraction)
     old_start = dataclasses.replace(cfg.optim, decay_fraction=old_fraction).decay_start(old_max)

@@ -136,9 +136,11 @@ class Throughput:
 
 # --------------------------------------------------------------------------- reporting
 
-CHECKPOINTS_INTACT = ("metrics.jsonl keeps its complete records and the checkpoints are intact: "
-                      "free disk space and run the same command again (it resumes from the "
-                      "newest checkpoint, or starts again when the run has none)")  # fmt: skip
+CHECKPOINTS_INTACT = (
+    "metrics.jsonl keeps its complete records and the checkpoints are intact: "
+    "free disk space and run the same command again (it resumes from the "
+    "newest checkpoint, or starts again when the run has none)"
+)
 
 
 def main_print(enabled: bool) -> Callable[..., None]:
@@ -310,9 +312,14 @@ class Reporter:
         self.print("run summary\n" + table)
         if self.wandb is not None:
             self.wandb.summary(
-                {"best_val_loss": summary["best_val_loss"], "final_val_loss": summary["val_loss"],
-                 "tokens_seen": tokens_seen, "mean_tokens_per_s": mean_rate, "mean_mfu": mean_mfu}
-            )  # fmt: skip
+                {
+                    "best_val_loss": summary["best_val_loss"],
+                    "final_val_loss": summary["val_loss"],
+                    "tokens_seen": tokens_seen,
+                    "mean_tokens_per_s": mean_rate,
+                    "mean_mfu": mean_mfu,
+                }
+            )
         return table
 
     def close(self) -> None:

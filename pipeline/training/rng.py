@@ -20,12 +20,20 @@ def rng_state() -> dict:
     version, mt, gauss_next = random.getstate()
     algorithm, key, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-        "numpy": {"algorithm": algorithm, "key": torch.from_numpy(key.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "algorithm": algorithm,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -50,8 +58,13 @@ def set_rng_state(state: dict, rank: int = 0) -> None:
         key = np.asarray(numpy["key"].numpy(), dtype=np.int64)
         if key.shape != (624,) or key.min() < 0 or key.max() >= 2**32:
             raise ValueError(f"numpy key of shape {tuple(key.shape)} is not an MT19937 state")
-        numpy = (numpy["algorithm"], key.astype(np.uint32), int(numpy["pos"]),
-                 int(numpy["has_gauss"]), float(numpy["cached_gaussian"]))  # fmt: skip
+        numpy = (
+            numpy["algorithm"],
+            key.astype(np.uint32),
+            int(numpy["pos"]),
+            int(numpy["has_gauss"]),
+            float(numpy["cached_gaussian"]),
+        )
     random.setstate(python)
     np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])

@@ -94,8 +94,11 @@ def make_accelerator(cfg: RuntimeConfig) -> Accelerator:
     device = resolve_device(cfg.cpu)  # before accelerate sets the process's own GPU: its type
     bf16 = resolve_precision(cfg.precision, device) == "bf16"
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
-                       kwargs_handlers=[timeout])  # fmt: skip
+    return Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision="bf16" if bf16 else "no",
+        kwargs_handlers=[timeout],
+    )
 
 
 def shard(model: GPT, precision: str, compile_mode: str | None = None) -> None:

@@ -88,17 +88,22 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def slot_env(slot: int, slots: int, gpus_per_job: int, gpus: list[str],
-             cores: int) -> dict[str, str]:  # fmt: skip
+def slot_env(
+    slot: int, slots: int, gpus_per_job: int, gpus: list[str], cores: int
+) -> dict[str, str]:
     """The environment variables of the job in `slot` (0-based) of `slots`: its GPUs
     (CUDA_VISIBLE_DEVICES; none without GPUs) and CPU threads (OMP_NUM_THREADS). Raises
     ConfigError when the GPUs do not go round."""
     env = {"OMP_NUM_THREADS": str(max(1, cores // (slots * gpus_per_job)))}
     if gpus:
         if slots * gpus_per_job > len(gpus):
-            raise ConfigError([f"{slots} jobs of {gpus_per_job} GPUs need {slots * gpus_per_job} "
-                               f"GPUs, and {len(gpus)} are visible: lower JOBS "
-                               "(launch.jobs) or GPUS_PER_JOB (launch.gpus_per_job)"])  # fmt: skip
+            raise ConfigError(
+                [
+                    f"{slots} jobs of {gpus_per_job} GPUs need {slots * gpus_per_job} "
+                    f"GPUs, and {len(gpus)} are visible: lower JOBS "
+                    "(launch.jobs) or GPUS_PER_JOB (launch.gpus_per_job)"
+                ]
+            )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(
             gpus[slot * gpus_per_job : (slot + 1) * gpus_per_job]
         )
@@ -114,8 +119,13 @@ def slot_locks(folder: Path, slot: int, gpus_per_job: int, gpus: list[str]) -> l
 
 
 @contextlib.contextmanager
-def hold_slot(folder: Path, slots: int, gpus_per_job: int = 1, gpus: list[str] | None = None,
-              poll_s: float = 0.2) -> Iterator[int]:  # fmt: skip
+def hold_slot(
+    folder: Path,
+    slots: int,
+    gpus_per_job: int = 1,
+    gpus: list[str] | None = None,
+    poll_s: float = 0.2,
+) -> Iterator[int]:
     """A free slot of `slots` (its number), held until the block ends: flock on each of its
     lock files (slot_locks), all or none."""
     while True:
@@ -187,22 +197,30 @@ def run_job(
     params = " ".join(o for o in task if o.split("=")[0] in swept) or " ".join(overrides)
     record, identity = run_dir / JOB_RECORD, job_identity(overrides, swept)
     if record.is_file() and json.loads(record.read_text()).get("identity") != identity:
-        print(f"error: job {job}: {run_dir} holds a run of other settings than this job's "
-              f"({params}): sweep under another trainer.run_name, or delete {run_dir}",
-              flush=True)  # fmt: skip
+        print(
+            f"error: job {job}: {run_dir} holds a run of other settings than this job's "
+            f"({params}): sweep under another trainer.run_name, or delete {run_dir}",
+            flush=True,
+        )
         _report(job, USER_ERROR)
         return math.nan, USER_ERROR
     entry = {"identity": identity, "overrides": overrides, "task": task}
     write_text_atomic(record, json.dumps(entry, indent=1))
     gpus, cores = visible_gpus(), len(os.sched_getaffinity(0))
     slot_env(0, slots or 1, gpus_per_job, gpus, cores)  # enough GPUs, before waiting for a slot
-    holding = (hold_slot(run_dir.parent / ".slots", slots, gpus_per_job, gpus) if slots
-               else contextlib.nullcontext(0))  # fmt: skip
+    holding = (
+        hold_slot(run_dir.parent / ".slots", slots, gpus_per_job, gpus)
+        if slots
+        else contextlib.nullcontext(0)
+    )
     with holding as slot:
         mine = slot_env(slot, slots or 1, gpus_per_job, gpus, cores)
         env = {**os.environ, **mine}
-        where = (f"GPUs {mine['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in mine
-                 else f"OMP_NUM_THREADS={mine['OMP_NUM_THREADS']}")  # fmt: skip
+        where = (
+            f"GPUs {mine['CUDA_VISIBLE_DEVICES']}"
+            if "CUDA_VISIBLE_DEVICES" in mine
+            else f"OMP_NUM_THREADS={mine['OMP_NUM_THREADS']}"
+        )
         print(f"job {job} started ({where}): {params}; log {log}", flush=True)
         if gpus_per_job > 1:  # each slot (each SLURM job: a free port) its own rendezvous
             command = ["bash", str(REPO / "launch" / "train_single_node.sh"), *overrides]
@@ -215,8 +233,9 @@ def run_job(
             _report(job, PREEMPTED)
             return math.nan, PREEMPTED
         with open(log, "a") as out, noting_stop_signals():
-            child = subprocess.Popen(command, cwd=os.getcwd(), env=env, stdout=out,
-                                     stderr=subprocess.STDOUT)  # fmt: skip
+            child = subprocess.Popen(
+                command, cwd=os.getcwd(), env=env, stdout=out, stderr=subprocess.STDOUT
+            )
             code = _wait(child)
     val = [r["loss"] for r in read_records(run_dir, "val")] if code == 0 else []
     loss = float(val[-1]) if val else math.nan
@@ -297,8 +316,9 @@ def command_line_sweeps(argv: list[str]) -> set[str]:
 
 
 @contextlib.contextmanager
-def collect_exits(parallel: bool, shared: bool = False, swept: set[str] = frozenset()
-                  ) -> Iterator[Path]:  # fmt: skip
+def collect_exits(
+    parallel: bool, shared: bool = False, swept: set[str] = frozenset()
+) -> Iterator[Path]:
     """In the sweep's own process: a file its jobs report their exit codes to (EXITS_ENV,
     inherited by the launcher's workers, as are the command line's swept keys, SWEPT_ENV),
     removed afterwards; shared (SLURM jobs, on other machines): under `.sweeps/` of the current
@@ -380,10 +400,16 @@ def run_sweep_job(cfg, launcher: str) -> float:
     if cluster:  # this job's own stop file: a notice to one SLURM job stops that job only
         os.environ[STOP_ENV] = str(Path(tempfile.mkdtemp(prefix="sweep-job-")) / "stop")
     try:
-        loss, code = run_job(list(hydra.overrides.task), Path(cfg.trainer.runs_dir) / sweep /
-                             str(job), f"{sweep}/{job}", cfg.logger.group or sweep, job, swept,
-                             cfg.launch.gpus_per_job,
-                             None if cluster else int(hydra.launcher.n_jobs))  # fmt: skip
+        loss, code = run_job(
+            list(hydra.overrides.task),
+            Path(cfg.trainer.runs_dir) / sweep / str(job),
+            f"{sweep}/{job}",
+            cfg.logger.group or sweep,
+            job,
+            swept,
+            cfg.launch.gpus_per_job,
+            None if cluster else int(hydra.launcher.n_jobs),
+        )
     except PipelineError as e:  # e.g. too few GPUs: this job's line, the sweep goes on
         print(f"error: job {job}: {one_line(e)}", flush=True)
         _report(job, e.exit_code)
@@ -396,8 +422,10 @@ def run_sweep_job(cfg, launcher: str) -> float:
         try:
             requeue(notice, None)  # requeues this job and exits this process (SystemExit)
         except Exception as e:  # submitit's UncompletedJobError: e.g. too many time limits
-            print(f"job {job} not requeued: {one_line(e)}; run the same sweep again to "
-                  "continue it", flush=True)  # fmt: skip
+            print(
+                f"job {job} not requeued: {one_line(e)}; run the same sweep again to continue it",
+                flush=True,
+            )
     return loss
 
 

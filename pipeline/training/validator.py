@@ -84,21 +84,37 @@ class Validator:
         acc, step = self.accelerator, state.step
         reduce = functools.partial(acc.reduce, reduction="sum")
         autocast = contextlib.nullcontext if self.fsdp else acc.autocast
-        loss, _ = estimate_loss(model, self.windows, self.micro_batch_size, acc.device,
-                                acc.process_index, acc.num_processes, autocast=autocast,
-                                reduce=reduce)  # fmt: skip
+        loss, _ = estimate_loss(
+            model,
+            self.windows,
+            self.micro_batch_size,
+            acc.device,
+            acc.process_index,
+            acc.num_processes,
+            autocast=autocast,
+            reduce=reduce,
+        )
         state.record_val(loss)
         reporter.val_step(step, self.max_steps, loss, state.tokens_seen)
         if self.hellaswag:
             result = evaluate_hellaswag(
-                model, self.hellaswag, acc.device, self.micro_batch_size, autocast,
-                acc.process_index, acc.num_processes, reduce=reduce,
-            )  # fmt: skip
-            text = (f"step {step} | HellaSwag acc {result['acc']:.4f} | acc_norm "
-                    f"{result['acc_norm']:.4f} | {result['n']} items")  # fmt: skip
+                model,
+                self.hellaswag,
+                acc.device,
+                self.micro_batch_size,
+                autocast,
+                acc.process_index,
+                acc.num_processes,
+                reduce=reduce,
+            )
+            text = (
+                f"step {step} | HellaSwag acc {result['acc']:.4f} | acc_norm "
+                f"{result['acc_norm']:.4f} | {result['n']} items"
+            )
             reporter.log("hellaswag", step, {**result, "tokens_seen": state.tokens_seen}, text)
         if self.cfg.sample_tokens and (acc.is_main_process or self.fsdp):
-            text = generate_text(model, get_encoding(), SAMPLE_PROMPT, self.cfg.sample_tokens,
-                                 acc.device, self.seed)  # fmt: skip
+            text = generate_text(
+                model, get_encoding(), SAMPLE_PROMPT, self.cfg.sample_tokens, acc.device, self.seed
+            )
             reporter.sample(step, state.tokens_seen, SAMPLE_PROMPT, text)
         return loss

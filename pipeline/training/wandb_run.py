@@ -44,9 +44,11 @@ def login_problem(cfg: LoggerConfig) -> str | None:
         if _has_credentials():
             return None
     except wandb.errors.Error as e:  # AuthenticationError: a key of the wrong form
-        return (f"logger=wandb: W&B refuses its API key ({_reason(e)}): run `wandb login "
-                "--relogin` (or fix WANDB_API_KEY), or log offline with WANDB_MODE=offline, or "
-                "use logger=none")  # fmt: skip
+        return (
+            f"logger=wandb: W&B refuses its API key ({_reason(e)}): run `wandb login "
+            "--relogin` (or fix WANDB_API_KEY), or log offline with WANDB_MODE=offline, or "
+            "use logger=none"
+        )
     return (
         "logger=wandb found no W&B API key: run `wandb login` (or set WANDB_API_KEY) first, or "
         "log offline with WANDB_MODE=offline and upload later with `wandb sync`, or use "
@@ -68,8 +70,9 @@ def _has_credentials() -> bool:
 
         settings = wandb_setup.singleton().settings  # the environment's W&B settings
         host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
-        found = wbauth.authenticate_session(host=host, source="pipeline.train", prompt=False,
-                                            update_session=False)  # fmt: skip
+        found = wbauth.authenticate_session(
+            host=host, source="pipeline.train", prompt=False, update_session=False
+        )
         return found is not None
     except (ImportError, AttributeError, TypeError):
         with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
@@ -81,15 +84,30 @@ class WandbRun:
     reached; every later call that fails disables W&B for the rest of this process with one
     warning through `say`."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict,
-                 run_id: str | None, say: Callable[[str], None]):  # fmt: skip
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        run_name: str,
+        config: dict,
+        run_id: str | None,
+        say: Callable[[str], None],
+    ):
         import wandb
 
         self.say, self.run = say, None
         self.id = run_id or "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
-        kwargs = dict(project=cfg.project, entity=cfg.entity, group=cfg.group,
-                      tags=list(cfg.tags) or None, name=run_name, id=self.id, resume="allow",
-                      dir=str(run_dir), config=config)  # fmt: skip
+        kwargs = dict(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            tags=list(cfg.tags) or None,
+            name=run_name,
+            id=self.id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
         # quiet: no "logged in as" line, whose lookup alone retries for ~10 s when the server
         # cannot be reached
         wanted = dict(init_timeout=cfg.init_timeout, finish_timeout=cfg.finish_timeout, quiet=True)
@@ -108,12 +126,16 @@ class WandbRun:
             try:
                 self.run = wandb.init(mode="offline", settings=settings, **kwargs)
             except Exception as offline:  # noqa: BLE001 - not even offline: metrics.jsonl only
-                say(f"warning: W&B cannot start ({reason}; offline: {_reason(offline)}): this "
-                    f"run logs to metrics.jsonl only")  # fmt: skip
+                say(
+                    f"warning: W&B cannot start ({reason}; offline: {_reason(offline)}): this "
+                    f"run logs to metrics.jsonl only"
+                )
                 return
             folder = Path(self.run.settings.sync_dir)
-            say(f"warning: W&B could not start online ({reason}): logging offline to {folder}; "
-                f"upload it later with `wandb sync {folder}`")  # fmt: skip
+            say(
+                f"warning: W&B could not start online ({reason}): logging offline to {folder}; "
+                f"upload it later with `wandb sync {folder}`"
+            )
         self._call(self._define_metrics)
 
     def _define_metrics(self) -> None:

@@ -16,13 +16,24 @@ def tiny_run(shard_dir: Path, runs_dir: Path, run_name: str, *settings: str) -> 
     in micro-batches of 4, lr 1e-2 to 1e-3 after 2 warm-up steps, no samples, a train record
     every step; `settings` add the rest (steps, intervals, seed)."""
     return [
-        "model=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-        "model.block_size=64", f"data.shard_dir={shard_dir}", f"trainer.runs_dir={runs_dir}",
-        f"trainer.run_name={run_name}", "trainer.tokens_per_step=512",
-        "trainer.micro_batch_size=4", "eval.sample_tokens=0", "runtime.cpu=true",
-        "optim.max_lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=2",
-        "trainer.log_interval=1", *settings,
-    ]  # fmt: skip
+        "model=tiny",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=64",
+        f"data.shard_dir={shard_dir}",
+        f"trainer.runs_dir={runs_dir}",
+        f"trainer.run_name={run_name}",
+        "trainer.tokens_per_step=512",
+        "trainer.micro_batch_size=4",
+        "eval.sample_tokens=0",
+        "runtime.cpu=true",
+        "optim.max_lr=1e-2",
+        "optim.min_lr=1e-3",
+        "optim.warmup_steps=2",
+        "trainer.log_interval=1",
+        *settings,
+    ]
 
 
 def train_config(overrides: list[str]) -> TrainConfig:
@@ -45,8 +56,14 @@ def small_config(shard_dir: Path, runs_dir: Path, **settings: Any) -> TrainConfi
     (two accumulation steps), validation on 2,048 tokens and a checkpoint every 3 steps, seed
     7, run name `run`. `settings` change trainer fields, or moved ones by their old flat names
     (eval_interval=1, checkpoint_interval=0, keep_last=1, resume="never", ...)."""
-    defaults = dict(run_name="run", max_steps=6, eval_interval=3, eval_tokens=2048,
-                    checkpoint_interval=3, seed=7)  # fmt: skip
+    defaults = dict(
+        run_name="run",
+        max_steps=6,
+        eval_interval=3,
+        eval_tokens=2048,
+        checkpoint_interval=3,
+        seed=7,
+    )
     merged = {**defaults, **settings}
     run_name = merged.pop("run_name")
     overrides = [_override(k, v) for k, v in merged.items()]

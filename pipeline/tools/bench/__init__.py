@@ -65,12 +65,6 @@ from pipeline.model import PRESETS
 from pipeline.tools.bench.checkpoint import bench_checkpoint, render_checkpoint
 from pipeline.tools.bench.compiling import bench_compile, render_compile
 from pipeline.tools.bench.fsdp_memory import bench_fsdp_memory, render_fsdp_memory
-from pipeline.tools.bench.host import (
-    describe_device,
-    fineweb_sample,
-    load_average,
-    set_data_environment,
-)
 from pipeline.tools.bench.loader import LOADER_SHAPES, bench_loader, render_loader
 from pipeline.tools.bench.loss import LOSS_CASES, bench_loss, render_loss
 from pipeline.tools.bench.memory import bench_memory, render_memory
@@ -82,7 +76,16 @@ from pipeline.tools.bench.prepare import (
     make_shards,
     render_prepare,
 )
-from pipeline.tools.bench.render import (
+from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
+from pipeline.tools.bench.sweep import bench_sweep, render_sweep
+from pipeline.tools.bench.train import bench_train, render_train
+from pipeline.tools.host import (
+    describe_device,
+    fineweb_sample,
+    load_average,
+    set_data_environment,
+)
+from pipeline.tools.render import (
     RunInfo,
     device_section,
     merge_benchmarks,
@@ -90,12 +93,21 @@ from pipeline.tools.bench.render import (
     replace_parts,
     run_note,
 )
-from pipeline.tools.bench.sample import SAMPLE_CASE, bench_sample, render_sample
-from pipeline.tools.bench.sweep import bench_sweep, render_sweep
-from pipeline.tools.bench.train import bench_train, render_train
 
-BENCHES = ("prepare", "loader", "train", "loss", "memory", "sample", "compile", "muon",
-           "fsdp-memory", "checkpoint", "mirror", "sweep")  # fmt: skip
+BENCHES = (
+    "prepare",
+    "loader",
+    "train",
+    "loss",
+    "memory",
+    "sample",
+    "compile",
+    "muon",
+    "fsdp-memory",
+    "checkpoint",
+    "mirror",
+    "sweep",
+)
 DEFAULT = ("prepare", "loader", "train", "loss", "memory", "sample")
 """What `python -m pipeline.bench` runs without --only."""
 
@@ -209,13 +221,23 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings, work: Path) -> 
     trains = []
     if "train" in benches:
         trains = bench_train(
-            shard_dir, work, args.model, args.micro_batch_size, args.block_size,
-            settings.warmup_steps, settings.train_steps, settings.compile_modes, args.peak_flops,
-            settings.train_repeats, args.compile_mode,
-        )  # fmt: skip
-    losses = bench_loss(shard_dir, work, settings.loss_cases, settings.train_repeats) if (
-        "loss" in benches
-    ) else []  # fmt: skip
+            shard_dir,
+            work,
+            args.model,
+            args.micro_batch_size,
+            args.block_size,
+            settings.warmup_steps,
+            settings.train_steps,
+            settings.compile_modes,
+            args.peak_flops,
+            settings.train_repeats,
+            args.compile_mode,
+        )
+    losses = (
+        bench_loss(shard_dir, work, settings.loss_cases, settings.train_repeats)
+        if ("loss" in benches)
+        else []
+    )
     memory = bench_memory() if "memory" in benches else []
     sampled = bench_sample(*settings.sample_case) if "sample" in benches else None
     compiled = bench_compile() if "compile" in benches else []

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.tools.bench.render import fmt_mib, fmt_s, table
+from pipeline.tools.render import fmt_mib, fmt_s, table
 
 CHECKPOINT_CASES = (
     ("gpt2", "adamw", 1),
@@ -74,8 +74,14 @@ def case_overrides(model: str, optimizer: str, processes: int) -> list[str]:
     """A run of that model and optimizer on the CPU in fp32, sharded with FSDP2 for AdamW on
     several processes (Muon with FSDP is refused: it runs data parallel, its matrices split)."""
     fsdp = processes > 1 and optimizer == "adamw"
-    return [f"model={model}", f"optim={optimizer}", f"runtime.fsdp={str(fsdp).lower()}",
-            "runtime.cpu=true", "runtime.compile=false", "runtime.precision=fp32"]  # fmt: skip
+    return [
+        f"model={model}",
+        f"optim={optimizer}",
+        f"runtime.fsdp={str(fsdp).lower()}",
+        "runtime.cpu=true",
+        "runtime.compile=false",
+        "runtime.precision=fp32",
+    ]
 
 
 def layout(optimizer: str, processes: int) -> str:
@@ -132,8 +138,9 @@ def save_format_1(folder: Path, model, optimizers: list) -> None:
                 order = [names[p] for p in params]
                 saved = opt.state_dict()
                 named["state"].update({order[i]: s for i, s in saved["state"].items()})
-                named["param_groups"][:0] = [{**g, "params": [order[i] for i in g["params"]]}
-                                             for g in saved["param_groups"]]  # fmt: skip
+                named["param_groups"][:0] = [
+                    {**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]
+                ]
             folder.mkdir(parents=True)
             _save(model_state, folder / MODEL)
             _save(named, folder / OPTIMIZER)
@@ -175,8 +182,9 @@ def checkpoint_save_child(params: dict) -> dict:
     def save(run: str, step: int, saver: TensorSaver) -> tuple[float, float]:
         dist.barrier()
         start = time.perf_counter()
-        _, done = save_checkpoint(out / run, step, model, optimizers.raw, {} if main else None,
-                                  keep_last=1, saver=saver)  # fmt: skip
+        _, done = save_checkpoint(
+            out / run, step, model, optimizers.raw, {} if main else None, keep_last=1, saver=saver
+        )
         returned = time.perf_counter() - start
         done.result()
         dist.barrier()  # complete on every process
@@ -198,7 +206,7 @@ def checkpoint_resume_child(params: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from pipeline.tools.bench.host import peak_rss_self, rss_self
+    from pipeline.tools.host import peak_rss_self, rss_self
     from pipeline.training.checkpoint.folder import load_checkpoint, verify
 
     torch.set_num_threads(1)
@@ -232,8 +240,9 @@ def bench_checkpoint(cases=CHECKPOINT_CASES) -> list[CheckpointResult]:
     for model, optimizer, processes in cases:
         overrides = case_overrides(model, optimizer, processes)
         with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
-            saves = run_ranks(checkpoint_save_child, {"overrides": overrides, "dir": tmp},
-                              processes, env)  # fmt: skip
+            saves = run_ranks(
+                checkpoint_save_child, {"overrides": overrides, "dir": tmp}, processes, env
+            )
             dcp_path = list_checkpoints(Path(tmp) / "async")[-1]
             saved_bytes = sum(f.stat().st_size for f in dcp_path.iterdir())
             shutil.rmtree(Path(tmp) / "sync")
@@ -241,8 +250,12 @@ def bench_checkpoint(cases=CHECKPOINT_CASES) -> list[CheckpointResult]:
             for name, path in (("format 1", Path(tmp) / "format_1"), ("DCP", dcp_path)):
                 if name == "format 1":  # a state.json as format 1 wrote it, for the loader
                     _state_json_of_format_1(path)
-                resumes[name] = run_ranks(checkpoint_resume_child, {"overrides": overrides,
-                                          "path": str(path)}, processes, env)  # fmt: skip
+                resumes[name] = run_ranks(
+                    checkpoint_resume_child,
+                    {"overrides": overrides, "path": str(path)},
+                    processes,
+                    env,
+                )
         slowest = {k: max(r["blocked"][k] for r in saves) for k in FORMATS}
         result = CheckpointResult(
             model,
@@ -258,8 +271,11 @@ def bench_checkpoint(cases=CHECKPOINT_CASES) -> list[CheckpointResult]:
             {k: max(rs, key=lambda r: r["peak_rss"])["built_rss"] for k, rs in resumes.items()},
         )
         out.append(result)
-        print(f"checkpoint {model} {optimizer} x{processes}: blocked "
-              + ", ".join(f"{k} {v:.2f} s" for k, v in slowest.items()), flush=True)  # fmt: skip
+        print(
+            f"checkpoint {model} {optimizer} x{processes}: blocked "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in slowest.items()),
+            flush=True,
+        )
     return out
 
 
@@ -270,8 +286,10 @@ def _state_json_of_format_1(folder: Path) -> None:
     from pipeline.files import sha256_file
     from pipeline.training.checkpoint.folder import STATE
 
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-             for f in sorted(folder.iterdir())}  # fmt: skip
+    files = {
+        f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(folder.iterdir())
+    }
     (folder / STATE).write_text(json.dumps({"step": 1, "files": files}))
 
 
@@ -279,35 +297,58 @@ def render_checkpoint(results: list[CheckpointResult]) -> str:
     rows = []
     for r in results:
         async_share = r.blocked["DCP async"] / r.blocked["format 1"]
-        rows.append([
-            r.model, r.optimizer, f"{r.processes} ({r.layout})", fmt_mib(r.saved_bytes),
-            " / ".join(fmt_s(r.blocked[k]) for k in FORMATS), fmt_s(r.first_async_blocked),
-            f"{async_share:.1%}", " / ".join(fmt_s(r.total[k]) for k in FORMATS),
-            " / ".join(fmt_s(r.resume[k]) for k in ("format 1", "DCP")),
-            " / ".join(f"{fmt_mib(r.resume_peak_rss[k])} ({fmt_mib(r.built_rss[k])})"
-                       for k in ("format 1", "DCP")),
-        ])  # fmt: skip
-    return "\n".join([
-        "### checkpoint: seconds a save blocks training, save and resume time, resume memory",
-        "",
-        "Processes of torch.distributed.run (gloo, CPU, one thread each) holding a model and "
-        "optimizer built as training builds them, states filled by one step. Three saves of "
-        "the same state: format 1 (before DCP: the whole state gathered to rank 0 and written "
-        "there with torch.save and sha256 while every process waits), DCP synchronous "
-        "(`checkpoint.async_save=false`) and DCP asynchronous (the default; its second save, "
-        "the first allocates the staging buffers: its blocked time is given apart). Blocked: "
-        "seconds until the loop may change the weights again; total: until the checkpoint is "
-        "complete (state.json written, folder renamed); the slowest process. Resume, in fresh "
-        "processes: verify (sizes, sha256, safety scan) and load into a newly built model and "
-        "optimizer, as a resumed run does; the peak RSS is the largest process's during the "
-        "resume, its RSS with the model and optimizer built before it in brackets. Target "
-        "(issue 24): blocked asynchronous ≤ 10% of format 1's. Muon on one process resumes "
-        "slower in both formats: torch's set_optimizer_state_dict first fills an empty "
-        "optimizer's state with one real step on zero gradients (`_init_optim_state`), which "
-        "for Muon is a Newton–Schulz iteration on every matrix; Muon split over processes "
-        "(ZeRO) loads its states without it.",
-        "",
-        table(["model", "optimizer", "processes", "checkpoint", "blocked s: format 1 / DCP sync "
-               "/ DCP async", "first async", "async / format 1", "total s: format 1 / sync / "
-               "async", "resume s: format 1 / DCP", "resume peak RSS: format 1 / DCP"], rows),
-    ])  # fmt: skip
+        rows.append(
+            [
+                r.model,
+                r.optimizer,
+                f"{r.processes} ({r.layout})",
+                fmt_mib(r.saved_bytes),
+                " / ".join(fmt_s(r.blocked[k]) for k in FORMATS),
+                fmt_s(r.first_async_blocked),
+                f"{async_share:.1%}",
+                " / ".join(fmt_s(r.total[k]) for k in FORMATS),
+                " / ".join(fmt_s(r.resume[k]) for k in ("format 1", "DCP")),
+                " / ".join(
+                    f"{fmt_mib(r.resume_peak_rss[k])} ({fmt_mib(r.built_rss[k])})"
+                    for k in ("format 1", "DCP")
+                ),
+            ]
+        )
+    return "\n".join(
+        [
+            "### checkpoint: seconds a save blocks training, save and resume time, resume memory",
+            "",
+            "Processes of torch.distributed.run (gloo, CPU, one thread each) holding a model and "
+            "optimizer built as training builds them, states filled by one step. Three saves of "
+            "the same state: format 1 (before DCP: the whole state gathered to rank 0 and written "
+            "there with torch.save and sha256 while every process waits), DCP synchronous "
+            "(`checkpoint.async_save=false`) and DCP asynchronous (the default; its second save, "
+            "the first allocates the staging buffers: its blocked time is given apart). Blocked: "
+            "seconds until the loop may change the weights again; total: until the checkpoint is "
+            "complete (state.json written, folder renamed); the slowest process. Resume, in fresh "
+            "processes: verify (sizes, sha256, safety scan) and load into a newly built model and "
+            "optimizer, as a resumed run does; the peak RSS is the largest process's during the "
+            "resume, its RSS with the model and optimizer built before it in brackets. Target "
+            "(issue 24): blocked asynchronous ≤ 10% of format 1's. Muon on one process resumes "
+            "slower in both formats: torch's set_optimizer_state_dict first fills an empty "
+            "optimizer's state with one real step on zero gradients (`_init_optim_state`), which "
+            "for Muon is a Newton–Schulz iteration on every matrix; Muon split over processes "
+            "(ZeRO) loads its states without it.",
+            "",
+            table(
+                [
+                    "model",
+                    "optimizer",
+                    "processes",
+                    "checkpoint",
+                    "blocked s: format 1 / DCP sync / DCP async",
+                    "first async",
+                    "async / format 1",
+                    "total s: format 1 / sync / async",
+                    "resume s: format 1 / DCP",
+                    "resume peak RSS: format 1 / DCP",
+                ],
+                rows,
+            ),
+        ]
+    )

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.tools.bench.host import REPO
+from pipeline.tools.host import REPO
+from pipeline.tools.process import run_timed
 
 CHILD_CODE = (
     "import sys; from pipeline.tools.bench.child import child_main; child_main(*sys.argv[1:])"
@@ -37,18 +36,11 @@ def task_name(task: Task) -> str:
 def run_child(task: Task, params: dict[str, Any], env: dict[str, str] | None = None) -> dict:
     """Run task(params) in a fresh python process (cwd: the repository) and return the dict it
     reports. Raises RuntimeError with the end of its output when it fails."""
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD_CODE, task_name(task), json.dumps(params)],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
-    if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        name = task_name(task)
-        raise RuntimeError(f"benchmark child '{name}' failed (exit {proc.returncode}):\n{tail}")
+    command = [sys.executable, "-c", CHILD_CODE, task_name(task), json.dumps(params)]
+    done = run_timed(command, env=env).check(f"benchmark child '{task_name(task)}'")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if not lines:
+        raise RuntimeError(f"benchmark child '{task_name(task)}' printed no result:\n{done.tail()}")
     return json.loads(lines[-1][len(RESULT_MARK) :])
 
 
@@ -61,22 +53,22 @@ def run_ranks(
     with tempfile.TemporaryDirectory(prefix="bench-ranks-") as tmp:
         script = Path(tmp) / "child.py"
         script.write_text(CHILD_CODE + "\n")
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             f"--nproc_per_node={processes}", "--tee=1", str(script), task_name(task),
-             json.dumps(params)],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-            capture_output=True, text=True,
-        )  # fmt: skip
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command = [*torchrun, f"--nproc_per_node={processes}", "--tee=1", str(script)]
+        done = run_timed(
+            [*command, task_name(task), json.dumps(params)],
+            env={"PYTHONPATH": str(REPO), **(env or {})},
+        ).check(f"benchmark ranks '{task_name(task)}'")
     found = {}
-    for line in proc.stdout.splitlines():  # "[default<rank>]:bench-result: {...}" with --tee
+    for line in done.stdout.splitlines():  # "[default<rank>]:bench-result: {...}" with --tee
         head, mark, body = line.partition(RESULT_MARK)
         if mark:
             found[int("".join(c for c in head if c.isdigit()) or 0)] = json.loads(body)
-    if proc.returncode or len(found) != processes:
-        tail = (proc.stdout + proc.stderr)[-4000:]
+    if len(found) != processes:
         name = task_name(task)
-        raise RuntimeError(f"benchmark ranks '{name}' failed (exit {proc.returncode}):\n{tail}")
+        raise RuntimeError(
+            f"benchmark ranks '{name}': {len(found)} of {processes} reported:\n{done.tail()}"
+        )
     return [found[r] for r in sorted(found)]
 
 

@@ -17,10 +17,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pipeline.tools.bench.render import fmt_s, table
+from pipeline.tools.render import fmt_s, table
 
-COMPILE_CASE = ("gpt2", 1, 1024, (("fixed 256-row chunks (before)", 256),
-                                  ("1 GiB per chunk on CUDA, at most 16 (now)", 16)))  # fmt: skip
+COMPILE_CASE = (
+    "gpt2",
+    1,
+    1024,
+    (("fixed 256-row chunks (before)", 256), ("1 GiB per chunk on CUDA, at most 16 (now)", 16)),
+)
 """(model, micro_batch_size, block_size, ((label, chunks), ...)) of the compile benchmark."""
 RUN_SHAPE = (64, 1024)
 """The micro-batch of the gpt2_124m_10bt recipe on an 80 GB GPU, whose chunks are compared."""
@@ -65,10 +69,16 @@ def compile_child(params: dict) -> dict:
     explained = torch._dynamo.explain(model)(x, y)
     torch._dynamo.reset()
     aot = _aot_graph_sizes(model, x, y)
-    return {"chunk_rows": model.loss_chunk_rows, "graphs": explained.graph_count,
-            "graph_breaks": explained.graph_break_count, "ops": explained.op_count,
-            "aot_forward": aot["forward"], "aot_backward": aot["backward"],
-            "first_s": seconds[0], "second_s": seconds[1]}  # fmt: skip
+    return {
+        "chunk_rows": model.loss_chunk_rows,
+        "graphs": explained.graph_count,
+        "graph_breaks": explained.graph_break_count,
+        "ops": explained.op_count,
+        "aot_forward": aot["forward"],
+        "aot_backward": aot["backward"],
+        "first_s": seconds[0],
+        "second_s": seconds[1],
+    }
 
 
 def _aot_graph_sizes(model, x, y) -> dict[str, int]:
@@ -111,13 +121,27 @@ def bench_compile(case=COMPILE_CASE) -> list[CompileResult]:
                 {"model": model, "micro_batch_size": b, "block_size": t, "chunks": chunks},
                 env={"TORCHINDUCTOR_CACHE_DIR": cache},
             )
-            # fmt: skip
-        out.append(CompileResult(label, chunks, r["chunk_rows"], r["graphs"], r["graph_breaks"],
-                                 r["ops"], r["aot_forward"], r["aot_backward"],
-                                 r["first_s"] - r["second_s"], r["first_s"],
-                                 r["second_s"]))  # fmt: skip
-        print(f"compile {chunks} chunks: {out[-1].aot_forward} + {out[-1].aot_backward} ops, "
-              f"{out[-1].compile_s:.1f} s", flush=True)  # fmt: skip
+
+        out.append(
+            CompileResult(
+                label,
+                chunks,
+                r["chunk_rows"],
+                r["graphs"],
+                r["graph_breaks"],
+                r["ops"],
+                r["aot_forward"],
+                r["aot_backward"],
+                r["first_s"] - r["second_s"],
+                r["first_s"],
+                r["second_s"],
+            )
+        )
+        print(
+            f"compile {chunks} chunks: {out[-1].aot_forward} + {out[-1].aot_backward} ops, "
+            f"{out[-1].compile_s:.1f} s",
+            flush=True,
+        )
     return out
 
 
@@ -126,33 +150,62 @@ def render_compile(results: list[CompileResult], case=COMPILE_CASE) -> str:
 
     model, b, t, _ = case
     rows_now = loss_chunk_rows(PRESETS[model].embedding_rows, RUN_SHAPE[0] * RUN_SHAPE[1], "cuda")
-    rows = [[r.label, str(r.chunks), f"{r.chunk_rows} × {b}" if b > 1 else str(r.chunk_rows),
-             str(r.graphs), str(r.graph_breaks), str(r.ops), f"{r.aot_forward:,}",
-             f"{r.aot_backward:,}", fmt_s(r.compile_s), fmt_s(r.first_s),
-             fmt_s(r.second_s)] for r in results]  # fmt: skip
+    rows = [
+        [
+            r.label,
+            str(r.chunks),
+            f"{r.chunk_rows} × {b}" if b > 1 else str(r.chunk_rows),
+            str(r.graphs),
+            str(r.graph_breaks),
+            str(r.ops),
+            f"{r.aot_forward:,}",
+            f"{r.aot_backward:,}",
+            fmt_s(r.compile_s),
+            fmt_s(r.first_s),
+            fmt_s(r.second_s),
+        ]
+        for r in results
+    ]
     before, after = results[0], results[-1]
-    return "\n".join([
-        "### compile: the chunked loss under torch.compile",
-        "",
-        f"GPT-2 124M ({model}) at {RUN_SHAPE[0]} × {RUN_SHAPE[1]} on a GPU: "
-        f"{RUN_SHAPE[0] * RUN_SHAPE[1] // 256} loss chunks of 256 positions before, "
-        f"{RUN_SHAPE[0] * RUN_SHAPE[1] // rows_now} chunks of {rows_now:,} now "
-        f"(`loss_chunk_rows`: {LOSS_CHUNK_BYTES['cuda'] >> 20} MiB of float32 logits per chunk on "
-        f"CUDA, at most {MAX_LOSS_CHUNKS} chunks). The compiled training step of the same model "
-        f"at {b} × {t}, float32 on the CPU, with as many chunks as that run takes, one fresh "
-        "process and empty Inductor cache (`TORCHINDUCTOR_CACHE_DIR`) per row, as at a first "
-        "launch: graphs, graph breaks and operations dynamo traces in the forward "
-        "(`torch._dynamo.explain`, which counts the loss's autograd.Function as one); the "
-        "operations of the forward and backward graphs AOTAutograd hands to Inductor (where "
-        "the unrolled chunk loop shows: a counting backend); compile time = first forward + "
-        "backward of `torch.compile(model)` (Inductor) less the second.",
-        "",
-        table(["chunking", "chunks", "rows per chunk", "graphs", "graph breaks", "dynamo ops",
-               "AOT forward ops", "AOT backward ops", "compile s", "first call s",
-               "second call s"], rows),
-        "",
-        f"Operations handed to Inductor {before.aot_forward + before.aot_backward:,} → "
-        f"{after.aot_forward + after.aot_backward:,}; compile time "
-        f"{fmt_s(before.compile_s)} → {fmt_s(after.compile_s)} s "
-        f"({before.compile_s / after.compile_s:.1f}× shorter).",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "### compile: the chunked loss under torch.compile",
+            "",
+            f"GPT-2 124M ({model}) at {RUN_SHAPE[0]} × {RUN_SHAPE[1]} on a GPU: "
+            f"{RUN_SHAPE[0] * RUN_SHAPE[1] // 256} loss chunks of 256 positions before, "
+            f"{RUN_SHAPE[0] * RUN_SHAPE[1] // rows_now} chunks of {rows_now:,} now "
+            f"(`loss_chunk_rows`: {LOSS_CHUNK_BYTES['cuda'] >> 20} MiB of float32 logits per chunk "
+            "on "
+            f"CUDA, at most {MAX_LOSS_CHUNKS} chunks). The compiled training step of the same "
+            "model "
+            f"at {b} × {t}, float32 on the CPU, with as many chunks as that run takes, one fresh "
+            "process and empty Inductor cache (`TORCHINDUCTOR_CACHE_DIR`) per row, as at a first "
+            "launch: graphs, graph breaks and operations dynamo traces in the forward "
+            "(`torch._dynamo.explain`, which counts the loss's autograd.Function as one); the "
+            "operations of the forward and backward graphs AOTAutograd hands to Inductor (where "
+            "the unrolled chunk loop shows: a counting backend); compile time = first forward + "
+            "backward of `torch.compile(model)` (Inductor) less the second.",
+            "",
+            table(
+                [
+                    "chunking",
+                    "chunks",
+                    "rows per chunk",
+                    "graphs",
+                    "graph breaks",
+                    "dynamo ops",
+                    "AOT forward ops",
+                    "AOT backward ops",
+                    "compile s",
+                    "first call s",
+                    "second call s",
+                ],
+                rows,
+            ),
+            "",
+            f"Operations handed to Inductor {before.aot_forward + before.aot_backward:,} → "
+            f"{after.aot_forward + after.aot_backward:,}; compile time "
+            f"{fmt_s(before.compile_s)} → {fmt_s(after.compile_s)} s "
+            f"({before.compile_s / after.compile_s:.1f}× shorter).",
+        ]
+    )

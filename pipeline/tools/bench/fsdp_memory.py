@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.tools.bench.render import fmt_mib, table
+from pipeline.tools.render import fmt_mib, table
 
 FSDP_MEMORY_CASES = (
     ("gpt2", 2, 256, "fp32", "adamw"),
@@ -49,13 +49,20 @@ class FsdpMemoryResult:
         return self.estimated / self.measured
 
 
-def case_overrides(model: str, micro_batch_size: int, block_size: int, precision: str,
-                   optimizer: str) -> list[str]:  # fmt: skip
+def case_overrides(
+    model: str, micro_batch_size: int, block_size: int, precision: str, optimizer: str
+) -> list[str]:
     """The Hydra overrides of a case: that model and micro-batch, FSDP on the CPU."""
-    return [f"model={model}", f"trainer.micro_batch_size={micro_batch_size}",
-            f"data.block_size={block_size}", f"runtime.precision={precision}",
-            f"optim={optimizer}", "runtime.fsdp=true", "runtime.cpu=true",
-            "runtime.compile=false"]  # fmt: skip
+    return [
+        f"model={model}",
+        f"trainer.micro_batch_size={micro_batch_size}",
+        f"data.block_size={block_size}",
+        f"runtime.precision={precision}",
+        f"optim={optimizer}",
+        "runtime.fsdp=true",
+        "runtime.cpu=true",
+        "runtime.compile=false",
+    ]
 
 
 def fsdp_memory_child(params: dict) -> dict:
@@ -108,35 +115,80 @@ def bench_fsdp_memory(
     out = []
     for case in cases:
         overrides = case_overrides(*case)
-        ranks = run_ranks(fsdp_memory_child, {"overrides": overrides}, processes,
-                          {"OMP_NUM_THREADS": "1"})  # fmt: skip
+        ranks = run_ranks(
+            fsdp_memory_child, {"overrides": overrides}, processes, {"OMP_NUM_THREADS": "1"}
+        )
         top = max(ranks, key=lambda r: r["peak"])
         cfg = compose_train(overrides)
         model, b, t, precision, optimizer = case
-        estimate = estimate_memory(cfg.model, b, t, precision, processes, sharded=True,
-                                   optimizer=optimizer, device_type="cpu")  # fmt: skip
-        out.append(FsdpMemoryResult(model, b, t, precision, optimizer, processes, top["peak"],
-                                    estimate["total"], top["kinds"]))  # fmt: skip
-        print(f"fsdp memory {case}: measured {top['peak'] / 2**20:.0f} MiB, estimated "
-              f"{estimate['total'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+        estimate = estimate_memory(
+            cfg.model,
+            b,
+            t,
+            precision,
+            processes,
+            sharded=True,
+            optimizer=optimizer,
+            device_type="cpu",
+        )
+        out.append(
+            FsdpMemoryResult(
+                model,
+                b,
+                t,
+                precision,
+                optimizer,
+                processes,
+                top["peak"],
+                estimate["total"],
+                top["kinds"],
+            )
+        )
+        print(
+            f"fsdp memory {case}: measured {top['peak'] / 2**20:.0f} MiB, estimated "
+            f"{estimate['total'] / 2**20:.0f} MiB",
+            flush=True,
+        )
     return out
 
 
 def render_fsdp_memory(results: list[FsdpMemoryResult]) -> str:
-    rows = [[r.model, f"{r.micro_batch_size} × {r.block_size}", r.precision, r.optimizer,
-             fmt_mib(r.measured), fmt_mib(r.estimated), f"{r.ratio - 1:+.0%}",
-             ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r.kinds.items() if v >= 2**20)]
-            for r in results]  # fmt: skip
-    return "\n".join([
-        "### fsdp-memory: the memory estimate against a measured FSDP2 step",
-        "",
-        f"One process of {results[0].processes} (gloo, CPU) running two optimizer steps of two "
-        "micro-batches each with FSDP2 full shard as training builds it (bf16: "
-        "MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)); measured: the peak "
-        "of every tensor allocated (torch's FSDPMemTracker, what CUDA's max_memory_allocated "
-        "counts); estimated: `estimate_memory(..., sharded=True)` (`make memory`). The kinds "
-        "are the measured peak's parts, MiB.",
-        "",
-        table(["model", "micro-batch", "precision", "optimizer", "measured", "estimated",
-               "error", "measured by kind (MiB)"], rows),
-    ])  # fmt: skip
+    rows = [
+        [
+            r.model,
+            f"{r.micro_batch_size} × {r.block_size}",
+            r.precision,
+            r.optimizer,
+            fmt_mib(r.measured),
+            fmt_mib(r.estimated),
+            f"{r.ratio - 1:+.0%}",
+            ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r.kinds.items() if v >= 2**20),
+        ]
+        for r in results
+    ]
+    return "\n".join(
+        [
+            "### fsdp-memory: the memory estimate against a measured FSDP2 step",
+            "",
+            f"One process of {results[0].processes} (gloo, CPU) running two optimizer steps of two "
+            "micro-batches each with FSDP2 full shard as training builds it (bf16: "
+            "MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)); measured: the peak "
+            "of every tensor allocated (torch's FSDPMemTracker, what CUDA's max_memory_allocated "
+            "counts); estimated: `estimate_memory(..., sharded=True)` (`make memory`). The kinds "
+            "are the measured peak's parts, MiB.",
+            "",
+            table(
+                [
+                    "model",
+                    "micro-batch",
+                    "precision",
+                    "optimizer",
+                    "measured",
+                    "estimated",
+                    "error",
+                    "measured by kind (MiB)",
+                ],
+                rows,
+            ),
+        ]
+    )

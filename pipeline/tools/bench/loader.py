@@ -17,8 +17,8 @@ from pipeline.data.loader import TrainLoader
 from pipeline.data.shards import open_split
 from pipeline.model import PRESETS
 from pipeline.tools.bench.prepare import manifest_totals
-from pipeline.tools.bench.render import fmt_n, table
 from pipeline.tools.bench.train import TrainResult
+from pipeline.tools.render import fmt_n, table
 
 GPU_TOKENS_PER_S = 500_000
 """Training throughput targeted for the 124M model on one H100 (tokens/s): a target, not a
@@ -110,8 +110,14 @@ def consumers(trains: list[TrainResult]) -> list[Consumer]:
     return [gpu, *measured]
 
 
-LOADER_COLUMNS = ["micro-batch B × T", "loader batches/s", "loader tokens/s", "consumer",
-                  "consumer batches/s", "loader / consumer"]  # fmt: skip
+LOADER_COLUMNS = [
+    "micro-batch B × T",
+    "loader batches/s",
+    "loader tokens/s",
+    "consumer",
+    "consumer batches/s",
+    "loader / consumer",
+]
 
 
 def render_loader(rates: list[LoaderRate], trains: list[TrainResult], shard_dir: str) -> str:

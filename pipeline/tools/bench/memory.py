@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.model import PRESETS, ModelConfig
-from pipeline.tools.bench.render import table
 from pipeline.tools.memory_estimate import (
     GIB,
     count_params,
@@ -20,6 +19,7 @@ from pipeline.tools.memory_estimate import (
     largest_power_of_two_fitting,
 )
 from pipeline.tools.probe import cuda_step_fits, find_max_micro_batch
+from pipeline.tools.render import table
 
 MEMORY_MODELS = ("gpt2", "gpt2_medium")
 """GPT-2 124M and 350M: peak training memory per micro-batch size."""

@@ -19,7 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from pipeline.tools.bench.render import fmt_mib, fmt_s, table
+from pipeline.tools.render import fmt_mib, fmt_s, table
 
 MUON_CASE = ("gpt2", 2, 6)
 """(model preset, processes of the split run, steps per run: 1 warm-up + the timed ones)."""
@@ -76,7 +76,7 @@ def muon_child(params: dict) -> dict:
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    from pipeline.tools.bench.host import peak_rss_self
+    from pipeline.tools.host import peak_rss_self
 
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -84,8 +84,7 @@ def muon_child(params: dict) -> dict:
     weights = _matrices(params["model"], seed=0)
     if world > 1:
         dist.init_process_group("gloo")
-        optimizer = ZeroRedundancyOptimizer(weights, optimizer_class=torch.optim.Muon,
-                                            **settings)  # fmt: skip
+        optimizer = ZeroRedundancyOptimizer(weights, optimizer_class=torch.optim.Muon, **settings)
         local = optimizer.optim
     else:
         optimizer = local = torch.optim.Muon(weights, **settings)
@@ -98,8 +97,13 @@ def muon_child(params: dict) -> dict:
     identical = all(torch.equal(a, b) for a, b in zip(weights, reference))
     if world > 1:
         dist.destroy_process_group()
-    return {"step_s": statistics.median(seconds[1:]), "state_bytes": state, "peak_rss": peak,
-            "identical": identical, "matrices": mine}  # fmt: skip
+    return {
+        "step_s": statistics.median(seconds[1:]),
+        "state_bytes": state,
+        "peak_rss": peak,
+        "identical": identical,
+        "matrices": mine,
+    }
 
 
 def bench_muon(case=MUON_CASE) -> list[MuonResult]:
@@ -110,13 +114,21 @@ def bench_muon(case=MUON_CASE) -> list[MuonResult]:
     out = []
     for n in (1, processes):
         params = {"model": model, "steps": steps}
-        ranks = [run_child(muon_child, params, {"OMP_NUM_THREADS": "1"})] if n == 1 else run_ranks(
-            muon_child, params, n, {"OMP_NUM_THREADS": "1"})  # fmt: skip
-        out.append(MuonResult(n, max(r["step_s"] for r in ranks),
-                              max(r["state_bytes"] for r in ranks),
-                              max(r["peak_rss"] for r in ranks),
-                              all(r["identical"] for r in ranks),
-                              [r["matrices"] for r in ranks]))  # fmt: skip
+        ranks = (
+            [run_child(muon_child, params, {"OMP_NUM_THREADS": "1"})]
+            if n == 1
+            else run_ranks(muon_child, params, n, {"OMP_NUM_THREADS": "1"})
+        )
+        out.append(
+            MuonResult(
+                n,
+                max(r["step_s"] for r in ranks),
+                max(r["state_bytes"] for r in ranks),
+                max(r["peak_rss"] for r in ranks),
+                all(r["identical"] for r in ranks),
+                [r["matrices"] for r in ranks],
+            )
+        )
         print(f"muon on {n} process(es): {out[-1].step_s:.3f} s per step", flush=True)
     return out
 
@@ -124,21 +136,43 @@ def bench_muon(case=MUON_CASE) -> list[MuonResult]:
 def render_muon(results: list[MuonResult], case=MUON_CASE) -> str:
     model, _, steps = case
     one = results[0]
-    rows = [[str(r.processes), " + ".join(map(str, r.matrices)), fmt_s(r.step_s),
-             f"{r.step_s / one.step_s:.2f}×", fmt_mib(r.state_bytes), fmt_mib(r.peak_rss),
-             "yes" if r.identical else "**no**"] for r in results]  # fmt: skip
-    return "\n".join([
-        "### muon: the optimizer step split over processes",
-        "",
-        f"torch.optim.Muon on the block matrices of {model} ({sum(results[0].matrices)} "
-        "matrices, float32), the same seeded gradients on every process; several processes run "
-        "it inside ZeroRedundancyOptimizer (gloo, one thread each), as a data-parallel run with "
-        f"optim=muon does. Median of {steps - 1} steps after one warm-up; the slowest process, "
-        "the largest state and peak RSS of one process. Identical: every weight bit-equal to "
-        "torch.optim.Muon on every matrix after the same steps. The peak RSS is mostly what "
-        "every process holds alike (the interpreter and torch, weights, gradients); the state "
-        "column is what the split saves per GPU.",
-        "",
-        table(["processes", "matrices per process", "step (s)", "vs 1 process",
-               "Muon state per process", "peak RSS per process", "identical"], rows),
-    ])  # fmt: skip
+    rows = [
+        [
+            str(r.processes),
+            " + ".join(map(str, r.matrices)),
+            fmt_s(r.step_s),
+            f"{r.step_s / one.step_s:.2f}×",
+            fmt_mib(r.state_bytes),
+            fmt_mib(r.peak_rss),
+            "yes" if r.identical else "**no**",
+        ]
+        for r in results
+    ]
+    return "\n".join(
+        [
+            "### muon: the optimizer step split over processes",
+            "",
+            f"torch.optim.Muon on the block matrices of {model} ({sum(results[0].matrices)} "
+            "matrices, float32), the same seeded gradients on every process; several processes run "
+            "it inside ZeroRedundancyOptimizer (gloo, one thread each), as a data-parallel run "
+            "with "
+            f"optim=muon does. Median of {steps - 1} steps after one warm-up; the slowest process, "
+            "the largest state and peak RSS of one process. Identical: every weight bit-equal to "
+            "torch.optim.Muon on every matrix after the same steps. The peak RSS is mostly what "
+            "every process holds alike (the interpreter and torch, weights, gradients); the state "
+            "column is what the split saves per GPU.",
+            "",
+            table(
+                [
+                    "processes",
+                    "matrices per process",
+                    "step (s)",
+                    "vs 1 process",
+                    "Muon state per process",
+                    "peak RSS per process",
+                    "identical",
+                ],
+                rows,
+            ),
+        ]
+    )

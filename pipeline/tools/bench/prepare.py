@@ -29,8 +29,8 @@ from pipeline.data.shards import MANIFEST
 from pipeline.data.tokenizer import get_encoding, resolve_num_workers
 from pipeline.data.writer import prepare
 from pipeline.tools.bench.child import run_child
-from pipeline.tools.bench.host import cpu_seconds, maxrss_bytes, peak_rss_self, rss_self
-from pipeline.tools.bench.render import MIB, fmt_mib, fmt_n, fmt_s, table
+from pipeline.tools.host import cpu_seconds, maxrss_bytes, peak_rss_self, rss_self
+from pipeline.tools.render import MIB, fmt_mib, fmt_n, fmt_s, table
 
 SHARD_SIZE = 1_000_000
 """Tokens per shard, as the demo prepares the sample (Makefile DEMO_PREPARE)."""
@@ -229,15 +229,20 @@ def prepare_rounds(
     tokens = tiktoken_tokens(docs, workers)
     for r in range(rounds):
         cfg = prepare_config(source, work / f"round{r}", tokens, workers)
-        calls = [(tiktoken, partial(tiktoken_tokens, docs, workers)),
-                 (prepared, partial(quiet_prepare, cfg))]  # fmt: skip
+        calls = [
+            (tiktoken, partial(tiktoken_tokens, docs, workers)),
+            (prepared, partial(quiet_prepare, cfg)),
+        ]
         for timings, call in calls if r % 2 == 0 else calls[::-1]:
             with timed(timings):
                 call()
         if r:  # only the last round's shards are kept
             shutil.rmtree(work / f"round{r - 1}")
-        print(f"prepare round {r + 1}/{rounds}: tiktoken {tiktoken[-1].wall_s:.2f} s, "
-              f"prepare {prepared[-1].wall_s:.2f} s", flush=True)  # fmt: skip
+        print(
+            f"prepare round {r + 1}/{rounds}: tiktoken {tiktoken[-1].wall_s:.2f} s, "
+            f"prepare {prepared[-1].wall_s:.2f} s",
+            flush=True,
+        )
     out = Path(cfg.out_dir) / cfg.dataset_name
     if manifest_totals(out)[1] != tokens:
         raise RuntimeError(f"{out} holds {manifest_totals(out)[1]} tokens, tiktoken {tokens}")
@@ -261,9 +266,11 @@ def bench_prepare(
     for scale in scales:
         path = source if scale == 1 else write_documents(docs * scale, work / f"x{scale}.parquet")
         run = prepare_in_child(path, work / f"size{scale}", scale, tokens * scale, workers)
-        print(f"prepare x{scale}: {run.seconds:.2f} s, peak RSS main "
-              f"{run.main_peak_rss / MIB:.0f} MiB, worker {run.worker_peak_rss / MIB:.0f} MiB",
-              flush=True)  # fmt: skip
+        print(
+            f"prepare x{scale}: {run.seconds:.2f} s, peak RSS main "
+            f"{run.main_peak_rss / MIB:.0f} MiB, worker {run.worker_peak_rss / MIB:.0f} MiB",
+            flush=True,
+        )
         sizes.append(run)
     return PrepareResult(
         len(docs), tokens, workers, str(source), tiktoken, prepared, sizes, str(out)
@@ -282,19 +289,25 @@ def make_shards(docs: list[str], source: Path, work: Path) -> Path:
 def _timing_row(what: str, timings: list[Timing], tokens_per_s: float) -> list[str]:
     walls = [t.wall_s for t in timings]
     cores = statistics.median(t.cores for t in timings)
-    return [what, ", ".join(map(fmt_s, walls)), fmt_s(statistics.median(walls)), f"{cores:.2f}",
-            fmt_n(tokens_per_s)]  # fmt: skip
+    return [
+        what,
+        ", ".join(map(fmt_s, walls)),
+        fmt_s(statistics.median(walls)),
+        f"{cores:.2f}",
+        fmt_n(tokens_per_s),
+    ]
 
 
 def render_prepare(r: PrepareResult) -> str:
     """The prepare section: throughput against tiktoken, then memory at each input size."""
     w = r.workers
     rows = [
-        _timing_row(f"tiktoken `encode_ordinary_batch`, {w} threads", r.tiktoken,
-                    r.tiktoken_tokens_per_s),
+        _timing_row(
+            f"tiktoken `encode_ordinary_batch`, {w} threads", r.tiktoken, r.tiktoken_tokens_per_s
+        ),
         _timing_row(f"prepare stage, {w} worker processes", r.prepare, r.prepare_tokens_per_s),
         ["**prepare / tiktoken** (target ≥ 90%)", "", "", "", f"**{100 * r.ratio:.0f}%**"],
-    ]  # fmt: skip
+    ]
     text = [
         "### prepare: documents to shards",
         "",
@@ -318,14 +331,32 @@ def render_prepare(r: PrepareResult) -> str:
 def render_prepare_sizes(r: PrepareResult) -> str:
     """The memory and scaling table of the prepare section, with what it measures."""
     rows = [
-        [f"sample ×{s.scale}", f"{s.documents:,}", f"{s.tokens:,}", fmt_s(s.seconds),
-         fmt_n(s.tokens_per_s), fmt_mib(s.baseline_rss), fmt_mib(s.main_peak_rss),
-         fmt_mib(s.worker_peak_rss), f"{s.main_cpu_s:.2f}", f"{s.worker_cpu_s:.2f}"]
+        [
+            f"sample ×{s.scale}",
+            f"{s.documents:,}",
+            f"{s.tokens:,}",
+            fmt_s(s.seconds),
+            fmt_n(s.tokens_per_s),
+            fmt_mib(s.baseline_rss),
+            fmt_mib(s.main_peak_rss),
+            fmt_mib(s.worker_peak_rss),
+            f"{s.main_cpu_s:.2f}",
+            f"{s.worker_cpu_s:.2f}",
+        ]
         for s in r.sizes
-    ]  # fmt: skip
-    header = ["input", "documents", "tokens", "prepare s", "tokens/s", "main RSS before",
-              "main peak RSS", f"largest of {r.workers} workers' peak RSS", "main CPU s",
-              "workers CPU s"]  # fmt: skip
+    ]
+    header = [
+        "input",
+        "documents",
+        "tokens",
+        "prepare s",
+        "tokens/s",
+        "main RSS before",
+        "main peak RSS",
+        f"largest of {r.workers} workers' peak RSS",
+        "main CPU s",
+        "workers CPU s",
+    ]
     lines = [
         table(header, rows),
         "",

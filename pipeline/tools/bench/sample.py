@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.model import GPT, PRESETS
-from pipeline.tools.bench.host import load_average
-from pipeline.tools.bench.render import fmt_n, fmt_s, table
+from pipeline.tools.host import load_average
+from pipeline.tools.render import fmt_n, fmt_s, table
 
 SAMPLE_CASE = ("gpt2", 32, 256, 2)
 """(model, prompt tokens, new tokens, timings per way) of the sampling benchmark."""
@@ -106,48 +106,78 @@ def bench_sample(
                     )
                     _synchronize(device)
                     rounds.append(SampleRound(use_cache, n, time.perf_counter() - start, load))
-                    print(f"sample {model} {n} threads, cache {'on' if use_cache else 'off'}: "
-                          f"{rounds[-1].seconds:.2f} s", flush=True)  # fmt: skip
+                    print(
+                        f"sample {model} {n} threads, cache {'on' if use_cache else 'off'}: "
+                        f"{rounds[-1].seconds:.2f} s",
+                        flush=True,
+                    )
     finally:
         torch.set_num_threads(default_threads)
     same = all(torch.equal(outputs[0], out) for out in outputs)
-    return SampleResult(model, gpt.num_params(), prompt_tokens, new_tokens, str(device),
-                        rounds, same)  # fmt: skip
+    return SampleResult(
+        model, gpt.num_params(), prompt_tokens, new_tokens, str(device), rounds, same
+    )
 
 
 def _row(call: str, threads: int, use_cache: bool, seconds: float, n: int, load: str):
-    return [call, str(threads), "on" if use_cache else "off", fmt_s(seconds), fmt_n(n / seconds),
-            f"{1000 * seconds / n:.1f}", load]  # fmt: skip
+    return [
+        call,
+        str(threads),
+        "on" if use_cache else "off",
+        fmt_s(seconds),
+        fmt_n(n / seconds),
+        f"{1000 * seconds / n:.1f}",
+        load,
+    ]
 
 
 def render_sample(result: SampleResult) -> str:
     """The sampling section: every timed call, then the medians and the speed-ups."""
     r, n = result, result.new_tokens
-    rows = [_row(str(i + 1), x.threads, x.use_cache, x.seconds, n, f"{x.load_before:.2f}")
-            for i, x in enumerate(r.rounds)]  # fmt: skip
+    rows = [
+        _row(str(i + 1), x.threads, x.use_cache, x.seconds, n, f"{x.load_before:.2f}")
+        for i, x in enumerate(r.rounds)
+    ]
     per_way = len(r.rounds) // (2 * len(r.threads))
-    rows += [_row(f"fastest of {per_way}", t, c, r.seconds(c, t), n, "")
-             for t in r.threads for c in (True, False)]  # fmt: skip
+    rows += [
+        _row(f"fastest of {per_way}", t, c, r.seconds(c, t), n, "")
+        for t in r.threads
+        for c in (True, False)
+    ]
     speedups = ", ".join(
         f"**{r.speedup(t):.1f}× faster** on {t} thread{'s' if t > 1 else ''}" for t in r.threads
     )
     same = "the same tokens" if r.same_tokens else "**different tokens** (a bug)"
-    return "\n".join([
-        "### sample: generation with and without the KV cache",
-        "",
-        f"`GPT.generate(prompt, {n}, temperature=0)` (greedy, batch 1, float32) of `{r.model}` "
-        f"({r.params:,} parameters, random weights) after a {r.prompt_tokens}-token random "
-        f"prompt, on {r.device}, in one process: `use_cache=True` "
-        "(the default: one forward of the prompt, then one of each new token against the cached "
-        "keys and values) and `use_cache=False` (the whole context at every step), alternating, "
-        f"after a 2-token warm-up each way, on {' then '.join(map(str, r.threads))} threads "
-        "(torch's count, then 1: on a CPU shared with other jobs, a parallel region waits "
-        "whenever one of its threads is descheduled, so timings on all cores swing with the "
-        f"load; on one thread much less). All calls gave {same}. "
-        "Load: the 1-minute load average just before each call.",
-        "",
-        table(["call", "threads", "KV cache", "seconds", "new tokens/s", "ms per token",
-               "load before"], rows),  # fmt: skip
-        "",
-        f"With the cache: {speedups} (fastest without / fastest with; target ≥ 5×).",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "### sample: generation with and without the KV cache",
+            "",
+            f"`GPT.generate(prompt, {n}, temperature=0)` (greedy, batch 1, float32) of `{r.model}` "
+            f"({r.params:,} parameters, random weights) after a {r.prompt_tokens}-token random "
+            f"prompt, on {r.device}, in one process: `use_cache=True` "
+            "(the default: one forward of the prompt, then one of each new token against the "
+            "cached "
+            "keys and values) and `use_cache=False` (the whole context at every step), "
+            "alternating, "
+            f"after a 2-token warm-up each way, on {' then '.join(map(str, r.threads))} threads "
+            "(torch's count, then 1: on a CPU shared with other jobs, a parallel region waits "
+            "whenever one of its threads is descheduled, so timings on all cores swing with the "
+            f"load; on one thread much less). All calls gave {same}. "
+            "Load: the 1-minute load average just before each call.",
+            "",
+            table(
+                [
+                    "call",
+                    "threads",
+                    "KV cache",
+                    "seconds",
+                    "new tokens/s",
+                    "ms per token",
+                    "load before",
+                ],
+                rows,
+            ),
+            "",
+            f"With the cache: {speedups} (fastest without / fastest with; target ≥ 5×).",
+        ]
+    )

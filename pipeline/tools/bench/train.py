@@ -29,8 +29,8 @@ from pipeline.config import (
 )
 from pipeline.model import GPT, PRESETS
 from pipeline.tools.bench.child import run_child
-from pipeline.tools.bench.host import peak_rss_self
-from pipeline.tools.bench.render import fmt_mib, fmt_n, fmt_s, table
+from pipeline.tools.host import peak_rss_self
+from pipeline.tools.render import fmt_mib, fmt_n, fmt_s, table
 from pipeline.training.runlog import read_records
 
 
@@ -217,8 +217,11 @@ def bench_train(
             "peak_flops": peak_flops,
         }
         result = train_in_child(params, work, warmup_steps)
-        print(f"train compile={compile_model}: {result.step_time_s:.3f} s/step, "
-              f"{result.tokens_per_s:,.0f} tokens/s", flush=True)  # fmt: skip
+        print(
+            f"train compile={compile_model}: {result.step_time_s:.3f} s/step, "
+            f"{result.tokens_per_s:,.0f} tokens/s",
+            flush=True,
+        )
         runs[compile_model].append(result)
     return [pool_runs(r) for r in runs.values()]
 
@@ -226,8 +229,17 @@ def bench_train(
 # --------------------------------------------------------------------------- markdown
 
 
-TRAIN_COLUMNS = ["torch.compile", "step time s", "range s", "tokens/s", "MFU", "model GFLOP/s",
-                 "first step s", "compile time s", "peak memory"]  # fmt: skip
+TRAIN_COLUMNS = [
+    "torch.compile",
+    "step time s",
+    "range s",
+    "tokens/s",
+    "MFU",
+    "model GFLOP/s",
+    "first step s",
+    "compile time s",
+    "peak memory",
+]
 
 
 def _train_row(r: TrainResult) -> list[str]:

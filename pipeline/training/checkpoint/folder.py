@@ -188,8 +188,9 @@ def _abandon(tmp: Path, final: Path, error: BaseException) -> BaseException:
     return error
 
 
-def _finish(tmp: Path, final: Path, step: int, state: dict, rng: dict | None,
-            keep_last: int) -> None:  # fmt: skip
+def _finish(
+    tmp: Path, final: Path, step: int, state: dict, rng: dict | None, keep_last: int
+) -> None:
     """The main process's end of a save, once every process's tensors are written: rng.pt,
     state.json with every file's size and sha256, fsync, rename, rotate."""
     try:
@@ -215,9 +216,13 @@ def _write_failed(final: Path, error: BaseException) -> Exception:
     the first process's error)."""
     if isinstance(error, CheckpointException):
         error = next(iter(error.failures.values()))[0]
-    return write_failed(final, error, "no partial checkpoint is left and earlier checkpoints "
-                        "are intact: free disk space and run the same command again (it "
-                        "resumes from the newest checkpoint)")  # fmt: skip
+    return write_failed(
+        final,
+        error,
+        "no partial checkpoint is left and earlier checkpoints "
+        "are intact: free disk space and run the same command again (it "
+        "resumes from the newest checkpoint)",
+    )
 
 
 def rotate(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -275,8 +280,10 @@ def read_state(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path / STATE} is corrupt ({e})") from None
     wrong = state_problem(state)
     if wrong:
-        raise CheckpointError(f"{path / STATE} is not a checkpoint's state ({wrong}); delete "
-                              f"{path} to resume from the previous checkpoint")  # fmt: skip
+        raise CheckpointError(
+            f"{path / STATE} is not a checkpoint's state ({wrong}); delete "
+            f"{path} to resume from the previous checkpoint"
+        )
     for name, meta in state.get("files", {}).items():
         f = path / name
         if not f.is_file() or f.stat().st_size != meta["bytes"]:
@@ -302,8 +309,12 @@ def state_problem(state: object) -> str | None:
     if not isinstance(state.get("config", {}).get("model", {}), dict):
         return "config.model is not a JSON object"
     for name, meta in state.get("files", {}).items():
-        if not is_plain_name(name) or not isinstance(meta, dict) or not isinstance(
-            meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):  # fmt: skip
+        if (
+            not is_plain_name(name)
+            or not isinstance(meta, dict)
+            or not isinstance(meta.get("bytes"), int)
+            or not isinstance(meta.get("sha256"), str)
+        ):
             return f"files lists {name!r} without a plain name, its bytes and its sha256"
     return None
 
@@ -482,7 +493,8 @@ def load_model(path: str | os.PathLike) -> tuple[GPT, Path, dict]:
     try:
         model = GPT(ModelConfig(**state["config"]["model"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / STATE} records no model this pipeline can build "
-                              f"({type(e).__name__}: {e})") from None  # fmt: skip
+        raise CheckpointError(
+            f"{ckpt / STATE} records no model this pipeline can build ({type(e).__name__}: {e})"
+        ) from None
     load_checkpoint(ckpt, model, restore_rng=False)
     return model.eval(), ckpt, state

@@ -46,8 +46,10 @@ Check = Callable[[dict], str | None]
 def where() -> str:
     """This process, for a message read on another machine: node (torchrun's GROUP_RANK),
     host name and global rank."""
-    return (f"node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()}, rank "
-            f"{os.environ.get('RANK', '0')})")  # fmt: skip
+    return (
+        f"node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()}, rank "
+        f"{os.environ.get('RANK', '0')})"
+    )
 
 
 @dataclass
@@ -81,8 +83,9 @@ class Checkpointer:
     def __post_init__(self) -> None:
         if self.cfg.mirror and self.accelerator.is_main_process:
             run_name = self.config.get("trainer", {}).get("run_name") or self.run_dir.name
-            self.mirror = Mirror(self.cfg.mirror, self.run_dir, run_name, self.cfg.keep_last,
-                                 self.say)  # fmt: skip
+            self.mirror = Mirror(
+                self.cfg.mirror, self.run_dir, run_name, self.cfg.keep_last, self.say
+            )
 
     def due(self, step: int) -> bool:
         """Whether to checkpoint after `step` steps: every checkpoint.interval, at the end and,
@@ -120,9 +123,11 @@ class Checkpointer:
             try:
                 loader.load_state_dict(saved["loader"], other_data=self._allow_other_data)
             except (KeyError, TypeError) as e:  # a state.json without the loader's position
-                raise CheckpointError(f"{path / 'state.json'} records no loader position "
-                                      f"({type(e).__name__}: {e}): delete {path} to resume from "
-                                      "the checkpoint before it") from None  # fmt: skip
+                raise CheckpointError(
+                    f"{path / 'state.json'} records no loader position "
+                    f"({type(e).__name__}: {e}): delete {path} to resume from "
+                    "the checkpoint before it"
+                ) from None
             except ValueError as e:  # other data, seed or block_size: the sample order differs
                 raise CheckpointError(
                     f"{path}: {e}, or start a new run (another trainer.run_name)"
@@ -147,8 +152,9 @@ class Checkpointer:
             if key in old.get("model", {}) and old["model"][key] != value
         }
         if "model" in old:
-            sizes = [c.get("data", {}).get("block_size") or c["model"]["block_size"]
-                     for c in (old, new)]  # fmt: skip
+            sizes = [
+                c.get("data", {}).get("block_size") or c["model"]["block_size"] for c in (old, new)
+            ]
             if sizes[0] != sizes[1] and "model.block_size" not in changed:
                 changed["data.block_size"] = tuple(sizes)
         old_seed = old.get("trainer", {}).get("seed", new["trainer"]["seed"])
@@ -174,8 +180,10 @@ class Checkpointer:
                     "data"
                 )
             else:
-                self.say(f"note: continuing on other data than {trained_on['shard_dir']} "
-                         "(data.allow_other_data=true)")  # fmt: skip
+                self.say(
+                    f"note: continuing on other data than {trained_on['shard_dir']} "
+                    "(data.allow_other_data=true)"
+                )
         return out
 
     def _load(
@@ -204,8 +212,9 @@ class Checkpointer:
         else:  # resolved once: a run folder's newest checkpoint could differ between copies
             path = Path(self._from_main(functools.partial(self._explicit, resume, check)))
             self._everywhere(functools.partial(self._readable, path))
-        saved = load_checkpoint(path, model, optimizer.raw, rank=self.accelerator.process_index,
-                                verified=True)  # fmt: skip
+        saved = load_checkpoint(
+            path, model, optimizer.raw, rank=self.accelerator.process_index, verified=True
+        )
         return path, saved
 
     def _pull(self) -> None:
@@ -295,8 +304,11 @@ class Checkpointer:
             result = fn()
         except Exception as e:  # also a bug's: the others must not wait in the gather
             error = e
-        failed = [line for line in gather_object([None if error is None else one_line(error)])
-                  if line is not None]  # fmt: skip
+        failed = [
+            line
+            for line in gather_object([None if error is None else one_line(error)])
+            if line is not None
+        ]
         if error is not None:
             raise error
         if failed:
@@ -330,9 +342,19 @@ class Checkpointer:
                 "replicas_agree": agree,
             }
             rng = {**rngs[0], "other_ranks": rngs[1:]}  # each rank's own dropout stream
-        path, done = self._everywhere(functools.partial(
-            save_checkpoint, self.run_dir, state.step, model, optimizer.raw, meta,
-            self.cfg.keep_last, rng, self.saver))  # fmt: skip
+        path, done = self._everywhere(
+            functools.partial(
+                save_checkpoint,
+                self.run_dir,
+                state.step,
+                model,
+                optimizer.raw,
+                meta,
+                self.cfg.keep_last,
+                rng,
+                self.saver,
+            )
+        )
         self.in_flight, self.announced = (path, done), False
         if not self.cfg.async_save:
             self.wait()

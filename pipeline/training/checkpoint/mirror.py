@@ -57,8 +57,13 @@ def checkpoint_files(state: dict) -> list[str]:
     return [*sorted(state.get("files", {})), STATE]
 
 
-def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step: int,
-                       unsafe_then: str, replace: bool = False) -> None:  # fmt: skip
+def install_checkpoint(
+    staged: str | os.PathLike,
+    final: str | os.PathLike,
+    step: int,
+    unsafe_then: str,
+    replace: bool = False,
+) -> None:
     """Move a downloaded checkpoint folder to `final` (`runs/<run>/checkpoints/step_N`) after
     read_state and its checksums accept it, its step is `step` and no file names code to run
     when loaded (check_loads_safely; `unsafe_then`: what the refusal tells the user to do, the
@@ -74,8 +79,9 @@ def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step
         shutil.rmtree(staged, ignore_errors=True)
         raise
     if state.get("step") != step:
-        raise CheckpointError(f"{staged}: state.json says step {state.get('step')}, expected "
-                              f"{step}")  # fmt: skip
+        raise CheckpointError(
+            f"{staged}: state.json says step {state.get('step')}, expected {step}"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     if replace and final.exists():
         shutil.rmtree(final)
@@ -86,8 +92,9 @@ def install_checkpoint(staged: str | os.PathLike, final: str | os.PathLike, step
 class Mirror:
     """The mirror of one run's checkpoints (see the module docstring); main process only."""
 
-    def __init__(self, url: str, run_dir: Path, run_name: str, keep_last: int,
-                 say: Callable[[str], None]):  # fmt: skip
+    def __init__(
+        self, url: str, run_dir: Path, run_name: str, keep_last: int, say: Callable[[str], None]
+    ):
         """url: checkpoint.mirror; run_dir: the run's folder; run_name: trainer.run_name (a
         sweep's job `<sweep>/<N>`), its folder in the mirror; say: prints a line."""
         self.url, self.run_dir, self.keep_last, self.say = url, Path(run_dir), keep_last, say
@@ -144,8 +151,9 @@ class Mirror:
             self._pending = True
             self._cond.notify_all()
             if self._thread is None:  # a daemon: a process past close() does not wait for it
-                self._thread = threading.Thread(target=self._work, name="checkpoint-mirror",
-                                                daemon=True)  # fmt: skip
+                self._thread = threading.Thread(
+                    target=self._work, name="checkpoint-mirror", daemon=True
+                )
                 self._thread.start()
 
     def _work(self) -> None:
@@ -159,9 +167,11 @@ class Mirror:
             try:
                 self.sync()
             except Exception as e:  # noqa: BLE001 - a failed upload never stops training
-                self.say(f"warning: mirroring checkpoints to {self.where} failed "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); the next "
-                         "checkpoint tries again")  # fmt: skip
+                self.say(
+                    f"warning: mirroring checkpoints to {self.where} failed "
+                    f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); the next "
+                    "checkpoint tries again"
+                )
             finally:
                 with self._cond:
                     self._busy = False
@@ -174,8 +184,9 @@ class Mirror:
         uploads. Returns the steps uploaded. Raises the file system's errors."""
         local = self._local()
         remote = self.remote()
-        keep = keep_by_rotation({**{s: st for s, (_, st) in local.items()}, **remote},
-                                self.keep_last)  # fmt: skip
+        keep = keep_by_rotation(
+            {**{s: st for s, (_, st) in local.items()}, **remote}, self.keep_last
+        )
         uploaded = {}
         for step in sorted(keep - remote.keys(), reverse=True):
             if self._upload(local[step][0]):
@@ -235,10 +246,12 @@ class Mirror:
             while self._pending or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.say(f"warning: the checkpoint upload to {self.where} did not finish "
-                             f"within checkpoint.mirror_timeout_s={timeout_s:g}; the local "
-                             "checkpoints are complete, and the next start of the run "
-                             "uploads what the mirror lacks")  # fmt: skip
+                    self.say(
+                        f"warning: the checkpoint upload to {self.where} did not finish "
+                        f"within checkpoint.mirror_timeout_s={timeout_s:g}; the local "
+                        "checkpoints are complete, and the next start of the run "
+                        "uploads what the mirror lacks"
+                    )
                     return
                 self._cond.wait(left)
 
@@ -283,11 +296,17 @@ class Mirror:
             for name in checkpoint_files(state):
                 retried(lambda n=name: self.fs.get_file(f"{source}/{n}", str(staged / n)))
         except Exception as e:  # noqa: BLE001 - every file system raises its own
-            raise CheckpointError(f"its download failed ({type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:200]})") from None  # fmt: skip
+            raise CheckpointError(
+                f"its download failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from None
         final = checkpoint_dir(self.run_dir, step)  # a damaged local copy is replaced
-        install_checkpoint(staged, final, step, "it was not installed and the download was "
-                           f"deleted: remove {source} from the mirror", replace=True)  # fmt: skip
+        install_checkpoint(
+            staged,
+            final,
+            step,
+            f"it was not installed and the download was deleted: remove {source} from the mirror",
+            replace=True,
+        )
         self.say(f"pulled checkpoint {self.where}/{final.name} -> {final}")
         return final
 

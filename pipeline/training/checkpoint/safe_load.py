@@ -37,8 +37,11 @@ def refused_file(path: Path, error: Exception, then: str = UNSAFE_THEN) -> Unsaf
     except Exception as e:  # noqa: BLE001 - e.g. a pickle opcode that torch.save never writes
         why = f"torch cannot check it before loading ({first_line(e)})"
     else:
-        why = (f"unpickling it would call {', '.join(sorted(calls))}, which can run any code"
-               if calls else f"weights-only loading refused it ({first_line(error)})")  # fmt: skip
+        why = (
+            f"unpickling it would call {', '.join(sorted(calls))}, which can run any code"
+            if calls
+            else f"weights-only loading refused it ({first_line(error)})"
+        )
     return refusal(path, why, then)
 
 

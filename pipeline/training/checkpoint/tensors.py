@@ -125,14 +125,20 @@ class SafeReader(FileSystemReader):
 METADATA_CLASSES = {
     (cls.__module__, cls.__qualname__): cls
     for cls in (
-        dcp_metadata.Metadata, dcp_metadata.MetadataIndex, dcp_metadata.StorageMeta,
-        dcp_metadata.TensorStorageMetadata, dcp_metadata.BytesStorageMetadata,
-        dcp_metadata.ChunkStorageMetadata, dcp_metadata.TensorProperties,
-        dcp_metadata._MEM_FORMAT_ENCODING, torch.Size,
+        dcp_metadata.Metadata,
+        dcp_metadata.MetadataIndex,
+        dcp_metadata.StorageMeta,
+        dcp_metadata.TensorStorageMetadata,
+        dcp_metadata.BytesStorageMetadata,
+        dcp_metadata.ChunkStorageMetadata,
+        dcp_metadata.TensorProperties,
+        dcp_metadata._MEM_FORMAT_ENCODING,
+        torch.Size,
         torch.distributed.checkpoint.filesystem._StorageInfo,
-        pathlib.PosixPath, pathlib.PurePosixPath,  # StorageMeta.checkpoint_id: the folder
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,  # StorageMeta.checkpoint_id: the folder
     )
-}  # fmt: skip
+}
 """The classes a DCP index holds (torch 2.13), the only ones its unpickling may build, besides
 torch's dtypes and layouts (`torch.float32`; `torch.strided` through its lookup by name,
 torch.serialization._get_layout)."""
@@ -200,8 +206,9 @@ class SafePlanner(DefaultLoadPlanner):
 def _one_process_is_intended() -> None:
     """Silence DCP's warning that one process without torch.distributed saves or loads alone
     (evaluation, exports, a one-process run): that is what this module means then."""
-    warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or "
-                            "uninitialized", UserWarning)  # fmt: skip
+    warnings.filterwarnings(
+        "ignore", "torch.distributed is disabled, unavailable or uninitialized", UserWarning
+    )
 
 
 def read_tensor_state(folder: Path, target: dict, process_group=None) -> dict:
@@ -211,8 +218,12 @@ def read_tensor_state(folder: Path, target: dict, process_group=None) -> dict:
     UnsafeFileError, and DCP's errors (CheckpointException, RuntimeError) for missing keys or
     shapes."""
     _one_process_is_intended()
-    dcp.load(target, storage_reader=SafeReader(folder), planner=SafePlanner(folder),
-             process_group=process_group)  # fmt: skip
+    dcp.load(
+        target,
+        storage_reader=SafeReader(folder),
+        planner=SafePlanner(folder),
+        process_group=process_group,
+    )
     return target
 
 
@@ -284,10 +295,14 @@ class TensorSaver:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
             cuda = device.type == "cuda"
-            self.stager = DefaultStager(StagingOptions(
-                use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=cuda,
-                use_non_blocking_copy=cuda,
-            ))  # fmt: skip
+            self.stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    use_shared_memory=False,
+                    use_async_staging=cuda,
+                    use_non_blocking_copy=cuda,
+                )
+            )
 
     def save(self, state: dict, folder: Path) -> Future:
         """Write state into folder (every process its own part; collective): returns once the
@@ -299,8 +314,9 @@ class TensorSaver:
             done: Future = Future()
             done.set_result(None)
             return done
-        response = dcp.async_save(state, storage_writer=writer, process_group=self.group,
-                                  async_stager=self.stager)  # fmt: skip
+        response = dcp.async_save(
+            state, storage_writer=writer, process_group=self.group, async_stager=self.stager
+        )
         if isinstance(response, Future):
             return response
         response.staging_completion.result()  # the live tensors may change from here on
@@ -314,8 +330,11 @@ class TensorSaver:
 
 def tensor_files(folder: Path) -> list[str]:
     """The DCP files of a checkpoint folder, sorted: the index and every process's data."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name == METADATA or p.name.endswith(TENSOR_FILE_SUFFIX))  # fmt: skip
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name == METADATA or p.name.endswith(TENSOR_FILE_SUFFIX)
+    )
 
 
 def when_done(
@@ -373,6 +392,9 @@ def weights_sha256(state: dict) -> str | None:
     files = state.get("files", {})
     if MODEL in files:
         return files[MODEL]["sha256"]
-    tensors = sorted(f"{name} {meta['sha256']}\n" for name, meta in files.items()
-                     if name == METADATA or name.endswith(TENSOR_FILE_SUFFIX))  # fmt: skip
+    tensors = sorted(
+        f"{name} {meta['sha256']}\n"
+        for name, meta in files.items()
+        if name == METADATA or name.endswith(TENSOR_FILE_SUFFIX)
+    )
     return hashlib.sha256("".join(tensors).encode()).hexdigest() if tensors else None

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.data.tokenizer import resolve_num_workers
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 """The repository: the working directory of the benchmark's child processes."""
 
 

@@ -13,7 +13,7 @@ import platform
 import re
 from dataclasses import dataclass, field
 
-from pipeline.tools.bench.host import Device, versions
+from pipeline.tools.host import Device, versions
 
 MIB = 1 << 20
 
@@ -34,10 +34,13 @@ def fmt_mib(b: int | None) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A markdown table: the one way the tools render one. A `|` inside a cell (a compiler's
+    error text in a preflight detail) is escaped so that it stays in its cell."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + " --- |" * len(header), *map(line, rows)])
 
 
 @dataclass
