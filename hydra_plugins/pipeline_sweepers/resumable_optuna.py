@@ -43,9 +43,12 @@ if optuna is not None:
             if str(impl.storage).startswith(SQLITE):  # the folder of the database file
                 Path(str(impl.storage)[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
             if impl.storage is not None and impl.study_name is not None:
-                study = optuna.create_study(study_name=impl.study_name, storage=impl.storage,
-                                            directions=impl._get_directions(),
-                                            load_if_exists=True)  # fmt: skip
+                study = optuna.create_study(
+                    study_name=impl.study_name,
+                    storage=impl.storage,
+                    directions=impl._get_directions(),
+                    load_if_exists=True,
+                )
                 failed, running = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING
                 for trial in study.get_trials(deepcopy=False):
                     if trial.state == running:  # its sweep was killed
@@ -56,8 +59,9 @@ if optuna is not None:
                 trials = study.get_trials(deepcopy=False)
                 complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
                 impl.n_trials = max(0, impl.n_trials - len(complete))  # failed: tried anew
-                impl.job_idx = 1 + max((int(p.parent.name) for p in _records(sweep_dir)),
-                                       default=-1)  # fmt: skip
+                impl.job_idx = 1 + max(
+                    (int(p.parent.name) for p in _records(sweep_dir)), default=-1
+                )
                 if trials and hasattr(impl.sampler, "reseed_rng"):
                     impl.sampler.reseed_rng()  # not the first start's draws again
             return impl.sweep(arguments)
@@ -73,8 +77,11 @@ if optuna is not None:
                 record = json.loads(path.read_text())
                 if record.get("exit") not in (0, USER_ERROR, DIVERGED) and "task" in record:
                     jobs[int(path.parent.name)] = record
-            failed = [t for t in study.get_trials(deepcopy=False)
-                      if t.state == optuna.trial.TrialState.FAIL]  # fmt: skip
+            failed = [
+                t
+                for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.FAIL
+            ]
             for job in sorted(jobs):
                 ret = self.sweeper.launcher.launch([jobs[job]["task"]], initial_job_idx=job)[0]
                 if stop_requested():
@@ -88,9 +95,15 @@ if optuna is not None:
                 except Exception:  # noqa: BLE001 - the job's error is in its log
                     value = None
                 if trial is not None and isinstance(value, float) and math.isfinite(value):
-                    study.add_trial(optuna.trial.create_trial(
-                        params=trial.params, distributions=trial.distributions, value=value,
-                        user_attrs=trial.user_attrs, system_attrs=trial.system_attrs))  # fmt: skip
+                    study.add_trial(
+                        optuna.trial.create_trial(
+                            params=trial.params,
+                            distributions=trial.distributions,
+                            value=value,
+                            user_attrs=trial.user_attrs,
+                            system_attrs=trial.system_attrs,
+                        )
+                    )
             return True
 
     def _values(trial: Any) -> set[str]:
@@ -107,5 +120,9 @@ if optuna is not None:
     class ResumableOptunaSweeperConf(OptunaSweeperConf):
         _target_: str = "hydra_plugins.pipeline_sweepers.resumable_optuna.ResumableOptunaSweeper"
 
-    ConfigStore.instance().store(group="hydra/sweeper", name="optuna_resumable",
-                                 node=ResumableOptunaSweeperConf, provider="pipeline")  # fmt: skip
+    ConfigStore.instance().store(
+        group="hydra/sweeper",
+        name="optuna_resumable",
+        node=ResumableOptunaSweeperConf,
+        provider="pipeline",
+    )
