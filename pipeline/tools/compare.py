@@ -11,9 +11,6 @@ of its seeds (conf/sweep/*.yaml: 2 seeds). Stages, each one sweep (`python -m pi
   muon_adamw  optim=muon at the best muon_lr, sweep=adamw_lr: the AdamW rate beside Muon (the
               embeddings, biases and LayerNorms), by default at 0.5x, 2x, 4x and 8x AdamW's best
               rate (--muon-adamw-lrs), the table adding muon_lr's best job at 1x
-  qkv         muon_lr's best setting with the fused q, k, v matrix c_attn (3C, C)
-              orthogonalised as three (C, C) blocks instead of one matrix (modded-nanogpt's
-              way), same seeds; it does not wait for muon_adamw
   timing      step time of the best AdamW and the best Muon setting, fresh processes in
               alternating order, no validation
 
@@ -34,19 +31,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import torch
 import yaml
 
-from pipeline.config import TrainConfig
 from pipeline.errors import ArgumentParser
 from pipeline.files import write_text_atomic
 from pipeline.tools.host import describe_device, load_average
 from pipeline.tools.plot import Curves, output_path, plot_runs, read_curves
 from pipeline.tools.process import run_timed
 from pipeline.tools.render import RunInfo, merge_benchmarks, render_section, table
-from pipeline.training.optim import Optimizers, build_optimizer
 from pipeline.training.runlog import read_records
 
 SEEDS_KEY = "trainer.seed"
@@ -98,7 +92,6 @@ class Setting:
 @dataclass
 class Results:
     stages: dict[str, list[Setting]] = field(default_factory=dict)
-    qkv_split: Setting | None = None
     step_times: dict[str, list[float]] = field(default_factory=dict)
     bf16_slowdown: float | None = None
     """bf16 / fp32 matmul time on this CPU (None on CUDA)."""
@@ -157,82 +150,6 @@ def sweep(runs_dir: Path, stage: str, overrides: list[str]) -> list[Setting]:
 
 def best(settings: list[Setting]) -> Setting:
     return min(settings, key=lambda s: s.mean)
-
-
-# --------------------------------------------------------------------------- q, k, v as blocks
-
-
-class SplitQKV(Optimizers):
-    """Muon on the three (C, C) blocks of each c_attn weight (3C, C) instead of the whole matrix:
-    Muon holds row views of the weight (updating them updates it), and each step hands them the
-    matching rows of the weight's (clipped) gradient. For this measurement only: the views are
-    not model parameters, so the optimizer state cannot be checkpointed."""
-
-    def __init__(self, optimizers: list, pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]):
-        super().__init__(optimizers)
-        self.pairs = pairs
-
-    def step(self) -> None:
-        for whole, parts in self.pairs:
-            grads = whole.grad.split(parts[0].size(0)) if whole.grad is not None else None
-            for i, part in enumerate(parts):
-                part.grad = None if grads is None else grads[i]
-        super().step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        for whole, _ in self.pairs:
-            whole.grad = None
-
-
-def split_qkv_optimizer(
-    model: torch.nn.Module, cfg, device_type: str, world_size: int = 1
-) -> SplitQKV:
-    """build_optimizer's Muon + AdamW with every c_attn weight replaced by its q, k, v blocks."""
-    fused = build_optimizer(model, cfg, device_type)
-    muon, adamw = fused.optimizers
-    c_attn = {id(p) for n, p in model.named_parameters() if n.endswith("attn.c_attn.weight")}
-    params, pairs = [], []
-    for p in muon.param_groups[0]["params"]:
-        if id(p) in c_attn:
-            parts = list(p.detach().split(p.size(1)))  # 3 x (C, C) views of the weight
-            pairs.append((p, parts))
-            params += parts
-        else:
-            params.append(p)
-    split = torch.optim.Muon(params, **{k: v for k, v in muon.defaults.items()})
-    split.param_groups[0]["peak_lr"] = split.param_groups[0]["lr"]
-    return SplitQKV([split, adamw], pairs)
-
-
-def train_split_qkv(run_dir: Path, overrides: list[str]) -> Path:
-    """Train the compare_tiny experiment with overrides into run_dir, q, k, v orthogonalised
-    as blocks (no checkpoints); skipped when run_dir already holds a finished run."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.config import conf_dir, register_configs, to_dataclass
-    from pipeline.training import loop as stage
-
-    where = [f"trainer.runs_dir={run_dir.parent}", f"trainer.run_name={run_dir.name}"]
-    try:
-        read_job(run_dir)
-        return run_dir
-    except (RuntimeError, OSError):
-        pass
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        composed = compose("train", overrides=["experiment=compare_tiny", *overrides, *where])
-    cfg: TrainConfig = to_dataclass(composed)
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    (run_dir / ".hydra" / "config.yaml").write_text(
-        yaml.safe_dump({"optim": vars(cfg.optim), "trainer": vars(cfg.trainer)})
-    )
-    with (
-        mock.patch.object(stage, "build_optimizer", split_qkv_optimizer),
-        mock.patch.object(stage.Run, "save", lambda self: None),
-    ):
-        stage.train(cfg)
-    return run_dir
 
 
 # --------------------------------------------------------------------------- step time
@@ -302,8 +219,8 @@ def stage_table(settings: list[Setting]) -> str:
 
 
 def render(results: Results, png: Path | None, budget: str) -> str:
-    """The comparison as Markdown: each stage's table, the best of each optimizer, the q, k, v
-    measurement and the step times."""
+    """The comparison as Markdown: each stage's table, the best of each optimizer and the step
+    times."""
     st = results.stages
     adamw, muon = best(st["adamw"]), best(st["muon_lr"] + st.get("muon_adamw", []))
     gap = adamw.mean - muon.mean
@@ -346,30 +263,6 @@ def render(results: Results, png: Path | None, budget: str) -> str:
     ):
         if stage in st:
             parts += ["", f"#### stage {stage}: {title}", "", stage_table(st[stage])]
-    if results.qkv_split is not None:
-        s, fused = results.qkv_split, best(st["muon_lr"])
-        parts += [
-            "",
-            "#### q, k, v: one (3C, C) matrix or three (C, C) blocks",
-            "",
-            f"At stage muon_lr's best setting, {fused.label()}.",
-            "",
-            table(
-                ["c_attn orthogonalised as", "val loss per seed", "mean"],
-                [
-                    [
-                        "one matrix (fused)",
-                        ", ".join(f"{j.val_loss:.4f}" for j in fused.jobs),
-                        f"{fused.mean:.4f}",
-                    ],
-                    [
-                        "three blocks (split)",
-                        ", ".join(f"{j.val_loss:.4f}" for j in s.jobs),
-                        f"{s.mean:.4f}",
-                    ],
-                ],
-            ),
-        ]
     if png is not None:
         parts += ["", f"![validation loss against tokens]({png.name})"]
     return "\n".join(parts)
@@ -393,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default="BENCHMARKS-optimizers.png", help="plot to write")
     p.add_argument("--timing-rounds", type=int, default=2, help="fresh processes per optimizer")
     p.add_argument("--timing-steps", type=int, default=8, help="steps timed per process")
-    p.add_argument("--skip", default="", help="comma-separated stages to leave out: qkv,timing")
+    p.add_argument("--skip", default="", help="stages to leave out: timing")
     p.add_argument("--adamw-lrs", help="AdamW max_lr values, e.g. 3e-3,6e-3 (sweep adamw_lr's)")
     p.add_argument("--muon-lrs", help="Muon muon_lr values, e.g. 0.02,0.04 (sweep muon_lr's)")
     p.add_argument(
@@ -423,15 +316,6 @@ def compare(args: argparse.Namespace) -> tuple[Results, str]:
         runs, "muon_lr", ["optim=muon", f"optim.max_lr={lr}", *muon_grid, *seeds, *extra]
     )
     muon_1 = best(st["muon_lr"])
-    if "qkv" not in skip:
-        split = [
-            train_split_qkv(
-                runs / "compare" / "qkv" / str(j.seed),
-                [*muon_1.overrides(), *extra, f"trainer.seed={j.seed}"],
-            )
-            for j in muon_1.jobs
-        ]
-        results.qkv_split = Setting([read_job(p) for p in split])
     beside = args.muon_adamw_lrs or ",".join(f"{k * lr:g}" for k in (0.5, 2, 4, 8))
     st["muon_adamw"] = [muon_1] + sweep(
         runs,
