@@ -12,8 +12,6 @@ from omegaconf import DictConfig
 from pipeline.config import register_configs, to_dataclass
 from pipeline.config.cli import check_command_line
 from pipeline.errors import guard
-from pipeline.evaluation.reports import SUMMARY, describe
-from pipeline.evaluation.tasks import evaluate
 
 register_configs()
 
@@ -21,6 +19,9 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @guard
 def main(cfg: DictConfig) -> None:
+    from pipeline.evaluation.reports import SUMMARY, describe  # after the command line's check
+    from pipeline.evaluation.tasks import evaluate
+
     r = evaluate(to_dataclass(cfg))
     print(describe(r))
     print(f"wrote {r['path']}, its .md and {Path(r['path']).parent / SUMMARY}")

@@ -10,7 +10,6 @@ from omegaconf import DictConfig
 
 from pipeline.config import register_configs, to_dataclass
 from pipeline.config.cli import check_command_line
-from pipeline.data.writer import prepare
 from pipeline.errors import guard
 
 register_configs()  # the schemas must be in Hydra's ConfigStore before @hydra.main composes
@@ -19,6 +18,8 @@ register_configs()  # the schemas must be in Hydra's ConfigStore before @hydra.m
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
 @guard
 def main(cfg: DictConfig) -> None:
+    from pipeline.data.writer import prepare  # after the command line's check
+
     prepare(to_dataclass(cfg))
 
 

@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 from pipeline.config import register_configs, to_dataclass
 from pipeline.config.cli import check_command_line
 from pipeline.errors import guard
-from pipeline.evaluation.sample import sample
 
 register_configs()
 
@@ -19,6 +18,8 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 @guard
 def main(cfg: DictConfig) -> None:
+    from pipeline.evaluation.sample import sample  # after the command line's check
+
     print("\n---\n".join(sample(to_dataclass(cfg))))
 
 

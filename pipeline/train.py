@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 from pipeline.config import RENAMED, register_configs, to_dataclass
 from pipeline.config.cli import check_command_line
 from pipeline.errors import PREEMPTED, guard, raise_if, recorded_exit
-from pipeline.training.loop import check_run_folder, for_sweep_job, train
 from pipeline.training.sweep import (
     CLUSTER_LAUNCHERS,
     collect_exits,
@@ -37,6 +36,8 @@ def main(cfg: DictConfig) -> float | None:
     launcher = sweep_launcher()
     if launcher:  # hydra/launcher=parallel or slurm: the job trains as a process of its own
         return run_sweep_job(to_dataclass(cfg), launcher)
+    from pipeline.training.loop import for_sweep_job, train  # see check()
+
     summary = train(for_sweep_job(to_dataclass(cfg)))
     if summary["preempted"]:
         sys.exit(PREEMPTED)
@@ -51,6 +52,10 @@ def check(argv: list[str]) -> None:
     W&B login where logger=wandb logs online (pipeline.training.wandb_run.login_problem)."""
     cfg = check_command_line("train", argv, RENAMED)
     if cfg is not None and not any(arg.startswith("-") for arg in argv):
+        # The training library (torch.distributed, DCP: 2 s) only once the command line is
+        # right, so that a mistyped key is answered at once.
+        from pipeline.training.loop import check_run_folder
+
         if os.environ.get("RANK", "0") == "0":  # the process that logs to W&B
             raise_if([p for p in [login_problem(to_dataclass(cfg.logger))] if p])
         check_run_folder(cfg.trainer.runs_dir, cfg.trainer.run_name)

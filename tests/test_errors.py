@@ -101,10 +101,11 @@ def test_an_old_key_on_the_command_line_is_one_line_and_exit_2(tmp_path):
 
 
 def test_the_training_entry_point_loads_no_export_hub_or_evaluation_stage():
-    """`import pipeline.train` stays clear of the Hugging Face export and hub code, `datasets`
-    and the evaluation stage. (safetensors comes with accelerate itself, which imports it.)"""
+    """A training process (pipeline.train and the training loop it imports once the command
+    line checks out) stays clear of the Hugging Face export and hub code, `datasets` and the
+    evaluation stage. (safetensors comes with accelerate itself, which imports it.)"""
     code = (
-        "import sys, pipeline.train; "
+        "import sys, pipeline.train, pipeline.training.loop; "
         "print(sorted({m.split('.')[0] if not m.startswith('pipeline') else m "
         "for m in sys.modules}))"
     )

@@ -28,17 +28,20 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 try:  # the `sweep` extra; without it Hydra's plugin scan must not warn on every command
-    import optuna
     from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 except ImportError:  # pragma: no cover - the dev and sweep extras install it
-    optuna = None
+    OptunaSweeper = None
 
-if optuna is not None:
+if OptunaSweeper is not None:
     SQLITE = "sqlite:///"
 
     class ResumableOptunaSweeper(OptunaSweeper):
         def sweep(self, arguments: list[str]) -> Any:
+            # Here, not at the top: Hydra imports every plugin module at every start (3 s of
+            # optuna for a command that sweeps nothing); the sweeper's own imports it here too.
+            import optuna
+
             impl = self.sweeper
             if str(impl.storage).startswith(SQLITE):  # the folder of the database file
                 Path(str(impl.storage)[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,8 @@ if optuna is not None:
         def _continue_interrupted(self, study: Any, sweep_dir: Path) -> bool:
             """Run each interrupted job of the sweep again (see the module docstring), adding
             each result to the study; False if the sweep was stopped meanwhile."""
+            import optuna
+
             from pipeline.errors import DIVERGED, USER_ERROR
             from pipeline.training.sweep import stop_requested
 
