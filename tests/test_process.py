@@ -22,10 +22,13 @@ def alive(pid: int) -> bool:
 
 
 def test_the_time_limit_kills_the_child_and_its_own_children(tmp_path):
+    """The grandchild runs in a session of its own, as torchrun starts its workers, and holds
+    the output pipe: it goes too, and the call returns."""
     pid_file = tmp_path / "grandchild.pid"
     code = (
         "import subprocess, sys, time\n"
-        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+        "                     start_new_session=True)\n"
         f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
         "print('started', flush=True)\n"
         "time.sleep(120)\n"
@@ -53,9 +56,11 @@ def test_exit_code_output_and_environment_of_a_finished_child():
     assert run_timed([sys.executable, "-c", "print(1)"]).check("z").stdout == "1\n"
 
 
-def test_a_missing_program_is_exit_127(tmp_path):
+def test_a_missing_program_is_exit_127_and_one_that_cannot_run_126(tmp_path):
     done = run_timed([str(tmp_path / "no-such-program")])
     assert done.returncode == NOT_FOUND and "no-such-program" in done.stderr
+    (tmp_path / "not-executable").write_text("echo hi\n")
+    assert run_timed([str(tmp_path / "not-executable")]).returncode == 126
 
 
 def test_a_log_file_gets_both_streams_appended(tmp_path):

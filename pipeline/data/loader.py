@@ -58,13 +58,11 @@ class TrainLoader:
         if self.samples_per_epoch == 0:
             longest = max((len(s) for s in self.shards), default=0)
             raise ConfigError(
-                [
-                    f"the longest {split.name} shard holds {longest:,} tokens, fewer than one "
-                    f"window of block_size + 1 = {block_size + 1:,} tokens (a window never spans "
-                    f"two shards; {len(self.shards)} shard(s), {split.num_tokens:,} tokens in "
-                    "all): "
-                    f"prepare again with shard_size >= {block_size + 1:,}, or lower block_size"
-                ]
+                f"the longest {split.name} shard holds {longest:,} tokens, fewer than one "
+                f"window of block_size + 1 = {block_size + 1:,} tokens (a window never spans "
+                f"two shards; {len(self.shards)} shard(s), {split.num_tokens:,} tokens in "
+                "all): "
+                f"prepare again with shard_size >= {block_size + 1:,}, or lower block_size"
             )
         self.position = 0
         self._ahead: tuple[int, tuple | ShardError] | None = None  # prefetch(): position, batch
@@ -182,10 +180,8 @@ class ValidationWindows:
         self.num_windows = max(0, (total - 1) // block_size)
         if self.num_windows == 0:
             raise ConfigError(
-                [
-                    f"validation split of {split.num_tokens} tokens (eval_tokens={eval_tokens}) "
-                    f"holds no window of {block_size + 1} tokens: raise eval_tokens or val_tokens"
-                ]
+                f"validation split of {split.num_tokens} tokens (eval_tokens={eval_tokens}) "
+                f"holds no window of {block_size + 1} tokens: raise eval_tokens or val_tokens"
             )
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each shard
 

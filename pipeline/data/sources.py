@@ -92,10 +92,8 @@ def _check_text_column(ds: datasets.IterableDataset, column: str, where: str) ->
 def missing_column(where: object, column: str, columns: list[str]) -> ConfigError:
     """The error for a source without the text column, listing the columns it has."""
     return ConfigError(
-        [
-            f"{where} has no column {column!r}; its columns are {columns}: set "
-            "source.text_column to the one holding the document text"
-        ]
+        f"{where} has no column {column!r}; its columns are {columns}: set "
+        "source.text_column to the one holding the document text"
     )
 
 

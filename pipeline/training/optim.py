@@ -211,11 +211,9 @@ def continuation_problem(state: dict, cfg: TrainConfig) -> str | None:
     old_name = old_optim.get("name", "adamw")
     if old_name != cfg.optim.name:
         raise ConfigError(
-            [
-                f"the run's checkpoints were trained with optim={old_name}, this launch asks for "
-                f"optim={cfg.optim.name}: their optimizer state does not carry over. Resume with "
-                f"optim={old_name}, or start a new run (another trainer.run_name)"
-            ]
+            f"the run's checkpoints were trained with optim={old_name}, this launch asks for "
+            f"optim={cfg.optim.name}: their optimizer state does not carry over. Resume with "
+            f"optim={old_name}, or start a new run (another trainer.run_name)"
         )
     if "trainer" not in saved:
         return None  # no recorded budget (a checkpoint written outside pipeline.train)
@@ -225,24 +223,20 @@ def continuation_problem(state: dict, cfg: TrainConfig) -> str | None:
     old_schedule = old_optim.get("schedule", "cosine")
     if old_schedule != cfg.optim.schedule:
         raise ConfigError(
-            [
-                f"the run was trained with optim.schedule={old_schedule}, this launch asks for "
-                f"optim.schedule={cfg.optim.schedule}: the learning rate would jump. Resume with "
-                f"optim.schedule={old_schedule}, or start a new run (another trainer.run_name)"
-            ]
+            f"the run was trained with optim.schedule={old_schedule}, this launch asks for "
+            f"optim.schedule={cfg.optim.schedule}: the learning rate would jump. Resume with "
+            f"optim.schedule={old_schedule}, or start a new run (another trainer.run_name)"
         )
     if old_max == new_max:
         return None
     if cfg.optim.schedule != "wsd":
         raise ConfigError(
-            [
-                f"trainer.max_steps changed from {old_max} to {new_max} (directly or through "
-                f"max_tokens), but this run follows a cosine schedule, whose decay spans all "
-                f"{old_max} steps: continuing would make the learning rate jump, and the finished "
-                f"run has already decayed. Resume with its budget ({old_max} steps), or train the "
-                "larger budget as a new run (another trainer.run_name), with optim.schedule=wsd "
-                "if you may want to extend it later"
-            ]
+            f"trainer.max_steps changed from {old_max} to {new_max} (directly or through "
+            f"max_tokens), but this run follows a cosine schedule, whose decay spans all "
+            f"{old_max} steps: continuing would make the learning rate jump, and the finished "
+            f"run has already decayed. Resume with its budget ({old_max} steps), or train the "
+            "larger budget as a new run (another trainer.run_name), with optim.schedule=wsd "
+            "if you may want to extend it later"
         )
     step = state["step"]
     old_fraction = old_optim.get("decay_fraction", cfg.optim.decay_fraction)

@@ -98,11 +98,9 @@ def slot_env(
     if gpus:
         if slots * gpus_per_job > len(gpus):
             raise ConfigError(
-                [
-                    f"{slots} jobs of {gpus_per_job} GPUs need {slots * gpus_per_job} "
-                    f"GPUs, and {len(gpus)} are visible: lower JOBS "
-                    "(launch.jobs) or GPUS_PER_JOB (launch.gpus_per_job)"
-                ]
+                f"{slots} jobs of {gpus_per_job} GPUs need {slots * gpus_per_job} "
+                f"GPUs, and {len(gpus)} are visible: lower JOBS "
+                "(launch.jobs) or GPUS_PER_JOB (launch.gpus_per_job)"
             )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(
             gpus[slot * gpus_per_job : (slot + 1) * gpus_per_job]
