@@ -9,14 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.paths import REPO
-from helpers.proc import wait_until
-from helpers.runs import final_weights, records, weights
+from helpers.proc import command, wait_until
+from helpers.runs import assert_identical, final_weights, records, weights
 from helpers.tiny import tiny_run, train_config
 
 import pipeline.training.checkpoint.folder
@@ -42,24 +41,12 @@ def overrides(shard_dir: Path, runs_dir: Path, run_name: str = "run") -> list[st
     )
 
 
-def command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pipeline.train", *args]
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    """Same logged losses and bit-identical final weights."""
-    assert records(a, "train") == records(b, "train")
-    assert records(a, "val") == records(b, "val")
-    wa, wb = final_weights(a), final_weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 @pytest.fixture(scope="module")
 def reference(sample_shards, tmp_path_factory) -> Path:
     """The uninterrupted run."""
     runs = tmp_path_factory.mktemp("reference")
     subprocess.run(
-        command(overrides(sample_shards, runs)), cwd=REPO, check=True, capture_output=True
+        command("train", *overrides(sample_shards, runs)), cwd=REPO, check=True, capture_output=True
     )
     return runs / "run"
 
@@ -79,11 +66,11 @@ def reference(sample_shards, tmp_path_factory) -> Path:
 def test_killed_run_resumes_to_the_same_weights(sample_shards, reference, tmp_path, fault):
     args = overrides(sample_shards, tmp_path)
     env = {**os.environ, "PIPELINE_FAULT": fault}
-    killed = subprocess.run(command(args), cwd=REPO, env=env, capture_output=True)
+    killed = subprocess.run(command("train", *args), cwd=REPO, env=env, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     if fault == "checkpoint:4":
         assert (tmp_path / "run" / "checkpoints" / ".step_0000004.tmp" / ".metadata").is_file()
-    subprocess.run(command(args), cwd=REPO, check=True, capture_output=True)
+    subprocess.run(command("train", *args), cwd=REPO, check=True, capture_output=True)
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
     assert_identical(tmp_path / "run", reference)
 
@@ -92,20 +79,20 @@ def test_killed_run_resumes_to_the_same_weights(sample_shards, reference, tmp_pa
 def test_sigterm_checkpoints_and_exits_for_a_restart(sample_shards, reference, tmp_path):
     args = overrides(sample_shards, tmp_path) + ["checkpoint.interval=0"]
     metrics = tmp_path / "run" / "metrics.jsonl"
-    process = subprocess.Popen(command(args), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command("train", *args), cwd=REPO, stdout=subprocess.PIPE, text=True)
     wait_until(process, lambda: metrics.exists() and '"kind": "train"' in metrics.read_text(), 120)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED, out
     stopped_at = json.loads((list_checkpoints(tmp_path / "run")[-1] / "state.json").read_text())
     assert 1 <= stopped_at["step"] < 6 and "stopping after step" in out
-    resumed = subprocess.run(command(args), cwd=REPO, capture_output=True, text=True)
+    resumed = subprocess.run(command("train", *args), cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert records(tmp_path / "run", "train") == records(reference, "train")
     final, expected = final_weights(tmp_path / "run"), final_weights(reference)
     assert all(torch.equal(final[k], expected[k]) for k in final)
     # a finished run started again exits at once, successfully
-    again = subprocess.run(command(args), cwd=REPO, capture_output=True, text=True)
+    again = subprocess.run(command("train", *args), cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
@@ -118,7 +105,9 @@ def test_sigterm_while_a_checkpoint_is_written_completes_it_before_exiting(
     args = overrides(sample_shards, tmp_path)
     env = {**os.environ, "PIPELINE_FAULT": "stall:2"}
     metrics = tmp_path / "run" / "metrics.jsonl"
-    process = subprocess.Popen(command(args), cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command("train", *args), cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
     wait_until(process, lambda: metrics.exists() and '"step": 3' in metrics.read_text(), 120)
     assert not list_checkpoints(tmp_path / "run")  # checkpoint 2 is in flight
     process.send_signal(signal.SIGTERM)
@@ -130,7 +119,7 @@ def test_sigterm_while_a_checkpoint_is_written_completes_it_before_exiting(
     ]
     assert steps[0] == 2 and 3 <= steps[-1] < 6, steps
     assert out.index("step_0000002") < out.index("stopping after step")
-    subprocess.run(command(args), cwd=REPO, check=True, capture_output=True)
+    subprocess.run(command("train", *args), cwd=REPO, check=True, capture_output=True)
     assert_identical(tmp_path / "run", reference)
 
 
@@ -245,5 +234,5 @@ def test_manifest_of_another_tokenizer_is_refused(shard_copy, tmp_path):
 
 def test_command_line_errors_exit_with_the_no_restart_code(sample_shards, tmp_path):
     args = overrides(sample_shards, tmp_path) + ["trainer.tokens_per_step=500"]
-    done = subprocess.run(command(args), cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command("train", *args), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "tokens_per_step=500" in done.stderr

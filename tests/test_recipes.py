@@ -9,13 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.paths import REPO
-from helpers.runs import final_weights, optimizer_state, records, weights
+from helpers.proc import command
+from helpers.runs import assert_identical, final_weights, optimizer_state, records, weights
 from helpers.tiny import tiny_run, train_config
 
 from pipeline.errors import ConfigError
@@ -64,23 +64,12 @@ def wsd_run(shard_dir: Path, runs_dir: Path, max_steps: int, *more: str) -> list
     )
 
 
-def command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pipeline.train", *args]
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    assert records(a, "train") == records(b, "train")
-    assert records(a, "val") == records(b, "val")
-    wa, wb = final_weights(a), final_weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 @pytest.fixture(scope="module")
 def muon_reference(sample_shards, tmp_path_factory) -> Path:
     """The uninterrupted Muon run, in its own process."""
     runs = tmp_path_factory.mktemp("muon")
     subprocess.run(
-        command(muon_run(sample_shards, runs)), cwd=REPO, check=True, capture_output=True
+        command("train", *muon_run(sample_shards, runs)), cwd=REPO, check=True, capture_output=True
     )
     return runs / "run"
 
@@ -104,9 +93,9 @@ def test_killed_muon_run_resumes_to_the_same_weights(
 ):
     args = muon_run(sample_shards, tmp_path)
     env = {**os.environ, "PIPELINE_FAULT": fault}
-    killed = subprocess.run(command(args), cwd=REPO, env=env, capture_output=True)
+    killed = subprocess.run(command("train", *args), cwd=REPO, env=env, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
-    subprocess.run(command(args), cwd=REPO, check=True, capture_output=True)
+    subprocess.run(command("train", *args), cwd=REPO, check=True, capture_output=True)
     assert_identical(tmp_path / "run", muon_reference)
 
 
@@ -205,7 +194,7 @@ def test_a_longer_cosine_run_is_refused_with_the_reason(sample_shards, tmp_path)
         train(train_config([*args, "trainer.max_steps=6"]))
     assert "optim.schedule=wsd" in str(e.value) and "trainer.run_name" in str(e.value)
     done = subprocess.run(
-        command([*args, "trainer.max_steps=6"]), cwd=REPO, capture_output=True, text=True
+        command("train", *args, "trainer.max_steps=6"), cwd=REPO, capture_output=True, text=True
     )
     assert done.returncode == 2 and "cosine schedule" in done.stderr
 

@@ -71,3 +71,11 @@ def wandb_run_record(offline_run: Path):
             if record.WhichOneof("record_type") == "run":
                 return record.run
     raise ValueError(f"{offline_run}: no run record")
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    """Two run folders logged the same losses and ended with bit-identical final weights."""
+    assert records(a, "train") == records(b, "train")
+    assert records(a, "val") == records(b, "val")
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
